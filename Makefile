@@ -1,0 +1,62 @@
+# hpe-workbook: two commands on a fresh machine (README):
+#   make workbook   set up .venv and run the whole workbook on the embedded default (runs/default/)
+#   make test       set up .venv and run the tests (what CI runs)
+# Set-up is idempotent: .venv is (re)installed only when pyproject.toml changed.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+NAME   ?= default
+PROFILE ?= default
+EGL_DEBS := libegl1 libegl-mesa0 libgl1-mesa-dri
+
+.PHONY: system-deps setup workbook smoke test test-slow lab readme bench clean-runs help
+
+help:
+	@sed -n '2,5p' Makefile
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch==2.13.0 (CPU) is pinned in pyproject.toml: it lies on these machines' disk.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (hpe-workbook)" >/dev/null
+	@touch $(STAMP)
+
+# SynthHeads renders with OpenGL on EGL (Mesa's software rasteriser). Install the system
+# libraries where we can (Debian, as root); otherwise hpelib.data.render names what is missing.
+system-deps:
+	@if command -v dpkg >/dev/null && ! dpkg -s $(EGL_DEBS) >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(EGL_DEBS) >/dev/null; \
+	  else echo "note: SynthHeads needs: sudo apt-get install $(EGL_DEBS)"; fi; fi
+
+setup: $(STAMP) system-deps
+
+workbook: setup
+	$(PY) -m hpelib.workbook run --profile $(PROFILE) --name $(NAME)
+
+smoke: setup
+	$(PY) -m hpelib.workbook run --profile smoke --name smoke
+
+test: setup
+	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+# Refresh the README's results section from a finished run (never typed by hand).
+readme: setup
+	$(PY) -m hpelib.report readme runs/$(NAME)
+
+bench: setup
+	$(PY) -m hpelib.data.bench
+	$(PY) -m hpelib.bench similarity
+
+clean-runs:
+	rm -rf runs/smoke

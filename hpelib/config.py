@@ -1,0 +1,332 @@
+"""Typed, validated configuration of a workbook run, and its named profiles (STYLE.md 4, 5).
+
+One `Config` holds a section per stage. The dataclass defaults describe the `default` profile:
+the embedded study on a 2-core CPU. `PROFILES` shrink or grow it by dotted overrides
+(`"rank": 16`), so a profile is a short, readable list of what differs.
+
+Every field is checked in `__post_init__`; a bad value raises `ValueError` naming the field, the
+value and what is allowed, so a notebook fails at its first cell with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+DOMAINS = ("synth-train", "synth-aflw", "synth-biwi")
+BACKENDS = ("tiny", "qwen2_vl", "cogvlm")
+
+
+# --------------------------------------------------------------------------- validation helpers
+def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "a positive integer")
+
+
+def _non_negative_int(name: str, value: Any) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, value, "an integer >= 0")
+
+
+def _fraction(name: str, value: Any, *, open_low: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and ((0 < value <= 1) if open_low else (0 <= value <= 1))
+    _check(ok, name, value, "in (0, 1]" if open_low else "in [0, 1]")
+
+
+def _positive(name: str, value: Any) -> None:
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, name, value, "a positive number")
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, name, value, f"one of {list(allowed)}")
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class DataConfig:
+    """SynthHeads rendering and the optional real datasets (`00_prepare_data`)."""
+
+    image_size: int = 128  # px; 128 keeps 16x16 patches of 8 px and ~700 renders/s on 2 cores
+    n_train: int = 4000  # synth-train scenes on disk (training also renders fresh ones on the fly)
+    n_test: int = 300  # scenes per test domain: +-2.5 deg standard error on a ~25 deg MAE
+    train_domain: str = "synth-train"
+    test_domains: list[str] = field(default_factory=lambda: list(DOMAINS))  # synth-train = held-out scenes
+    seed: int = 0
+    # Real datasets (empty: not used). Roots of the published layouts, never modified.
+    root_300wlp: str = ""
+    root_aflw2000: str = ""
+    biwi_npz: str = ""
+    skip_bad_files: bool = False  # skip (and count) corrupt files instead of failing on the first
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.image_size, int) and 32 <= self.image_size <= 1024 and self.image_size % 16 == 0,
+               "image_size", self.image_size, "a multiple of 16 in [32, 1024]")
+        _positive_int("n_train", self.n_train)
+        _positive_int("n_test", self.n_test)
+        _one_of("train_domain", self.train_domain, DOMAINS)
+        _check(isinstance(self.test_domains, list) and len(self.test_domains) > 0, "test_domains",
+               self.test_domains, f"a non-empty list drawn from {list(DOMAINS)}")
+        for d in self.test_domains:
+            _one_of("test_domains", d, DOMAINS)
+        _non_negative_int("seed", self.seed)
+
+
+@dataclass
+class ModelConfig:
+    """Which VLM: the embedded tiny one, or a hub model by id (real world)."""
+
+    backend: str = "tiny"
+    model_id: str = ""  # hub id or local folder for qwen2_vl / cogvlm; unused by tiny
+    trust_remote_code: bool = False  # CogVLM needs it; never on unless you set it
+    dtype: str = "float32"  # float32 on CPU; bfloat16 on GPU
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        _one_of("backend", self.backend, BACKENDS)
+        _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _one_of("device", self.device, ("auto", "cpu", "cuda"))
+        if self.backend != "tiny":
+            _check(bool(self.model_id), "model_id", self.model_id,
+                   f"a hub id or local folder when model.backend is {self.backend!r}")
+
+
+@dataclass
+class TrainConfig:
+    """One training stage: base pre-training (all weights) or LoRA fine-tuning."""
+
+    minutes: float = 20.0  # wall-clock budget; training stops at whichever of minutes/steps comes first
+    max_steps: int = 100_000
+    batch_size: int = 32
+    grad_accum: int = 1  # 32 x 1 = 32 samples per optimiser step
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    eval_every: int = 250  # steps between held-out evaluations
+    eval_samples: int = 64
+    checkpoint_every: int = 250
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("minutes", self.minutes)
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_samples", "checkpoint_every"):
+            _positive_int(name, getattr(self, name))
+        _positive("lr", self.lr)
+        _non_negative_int("warmup_steps", self.warmup_steps)
+        _check(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0, "weight_decay",
+               self.weight_decay, "a number >= 0")
+        _positive("max_grad_norm", self.max_grad_norm)
+        _non_negative_int("seed", self.seed)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA fine-tuning on head pose (`02_train_lora`)."""
+
+    rank: int = 8
+    alpha: int = 16  # scaling alpha / rank = 2
+    dropout: float = 0.05
+    target_language: bool = True  # LoRA on the language model's attention and MLP projections
+    target_vision: bool = True  # and on the vision tower, as CogVLM's own LoRA demo does
+    adapters: dict[str, float] = field(default_factory=lambda: {"hpe": 0.0, "hpe_rehearsal": 0.2})
+    # adapter name -> rehearsal ratio: the fraction of grounding samples in each batch
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(minutes=8.0, lr=5e-4))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = _build_section("train", TrainConfig, self.train)
+        _positive_int("rank", self.rank)
+        _positive("alpha", self.alpha)
+        _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+        _check(self.target_language or self.target_vision, "target_language/target_vision",
+               (self.target_language, self.target_vision), "at least one True")
+        _check(isinstance(self.adapters, dict) and len(self.adapters) > 0, "adapters", self.adapters,
+               "a non-empty dict of adapter name -> rehearsal ratio")
+        for name, ratio in self.adapters.items():
+            _check(isinstance(name, str) and name.isidentifier(), "adapters name", name, "an identifier")
+            _check(isinstance(ratio, (int, float)) and 0 <= ratio < 1, f"adapters[{name!r}]", ratio, "in [0, 1)")
+
+
+@dataclass
+class MergeConfig:
+    """The merges built by `04_merge` (DESIGN.md "The merge methods")."""
+
+    ta_lambdas: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    ties_density: float = 0.2  # fraction of each dW's entries kept (TIES paper default 0.2)
+    dare_density: float = 0.5  # keep probability of DARE's random drop
+    merge_seed: int = 0
+    wta_thresholds: list[float] = field(default_factory=lambda: [0.999, 0.9999, 0.99999])
+    wta_reference: str = "base"  # base: cos(W0, W0 + dW); pairwise: adapters against each other
+    wta_granularity: str = "module"  # module: per linear layer; block: per transformer block
+    methods: list[str] = field(default_factory=lambda: ["task_arithmetic", "ties", "dare_linear", "wta_cosine"])
+
+    def __post_init__(self) -> None:
+        for lam in self.ta_lambdas:
+            _positive("ta_lambdas", lam)
+        _fraction("ties_density", self.ties_density, open_low=True)
+        _fraction("dare_density", self.dare_density, open_low=True)
+        _non_negative_int("merge_seed", self.merge_seed)
+        for t in self.wta_thresholds:
+            _fraction("wta_thresholds", t, open_low=True)
+        _one_of("wta_reference", self.wta_reference, ("base", "pairwise"))
+        _one_of("wta_granularity", self.wta_granularity, ("module", "block"))
+
+
+@dataclass
+class EvalConfig:
+    """`05_evaluate`: how many samples, how answers are generated and scored."""
+
+    n_samples: int = 300  # per domain (at most data.n_test)
+    batch_size: int = 32
+    max_new_tokens: int = 48
+    invalid_penalty_deg: float = 90.0  # MAE_all: an invalid answer counts as this error per angle
+    max_abs_angle: float = 99.0  # AFLW2000 protocol: drop test samples with any |angle| above
+
+    def __post_init__(self) -> None:
+        _positive_int("n_samples", self.n_samples)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("max_new_tokens", self.max_new_tokens)
+        _positive("invalid_penalty_deg", self.invalid_penalty_deg)
+        _positive("max_abs_angle", self.max_abs_angle)
+
+
+@dataclass
+class Config:
+    """A whole run: the profile it came from plus every stage's section."""
+
+    profile: str = "default"
+    seed: int = 0
+    angle_decimals: int = 0  # decimals of the angles in answers (integer degrees by default)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in _SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _build_section(name, cls, value))
+        _one_of("profile", self.profile, tuple(PROFILES))
+        _non_negative_int("seed", self.seed)
+        _check(self.angle_decimals in (0, 1, 2), "angle_decimals", self.angle_decimals, "0, 1 or 2")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self, *sections: str) -> str:
+        """A short stable hash of the named sections (all when none), for caching stages."""
+        d = self.to_dict()
+        payload = {k: d[k] for k in sections} if sections else d
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _build_section(name: str, cls: type, values: dict):
+    """Build a section from a dict; a bad value's error names its full dotted key."""
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise ValueError(f"{name}.{e}") from None
+    except TypeError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "base": TrainConfig, "lora": LoraConfig,
+             "merge": MergeConfig, "eval": EvalConfig}
+
+# --------------------------------------------------------------------------- profiles
+# Dotted overrides on the defaults above. Comments say why a number is what it is.
+PROFILES: dict[str, dict[str, Any]] = {
+    # The CPU study the README reports: ~30 min with base pre-training, ~10 min with a cached base.
+    "default": {},
+    # CI: every stage runs for real on tiny sizes; the whole workbook in a few minutes on 2 cores.
+    "smoke": {
+        "data.image_size": 64,
+        "data.n_train": 64,
+        "data.n_test": 16,  # 16 scenes per domain: enough to exercise every metric, not to measure
+        "base.minutes": 0.5,
+        "base.max_steps": 20,
+        "base.batch_size": 8,
+        "base.warmup_steps": 2,
+        "base.eval_every": 10,
+        "base.eval_samples": 8,
+        "base.checkpoint_every": 10,
+        "lora.train.minutes": 0.25,
+        "lora.train.max_steps": 10,
+        "lora.train.batch_size": 8,
+        "lora.train.warmup_steps": 2,
+        "lora.train.eval_every": 5,
+        "lora.train.eval_samples": 8,
+        "lora.train.checkpoint_every": 5,
+        "merge.ta_lambdas": [1.0],
+        "merge.wta_thresholds": [0.9999],
+        "eval.n_samples": 16,
+        "eval.batch_size": 8,
+    },
+    # One 80 GB GPU and a pretrained hub VLM (set model.model_id): bf16, real datasets' sizes.
+    "gpu": {
+        "model.backend": "qwen2_vl",
+        "model.model_id": "Qwen/Qwen2-VL-2B-Instruct",
+        "model.dtype": "bfloat16",
+        "model.device": "cuda",
+        "data.image_size": 448,  # 448 px = 16x16 patches of 28 px for Qwen2-VL's merger
+        "base.max_steps": 1,  # pretrained: the base is only measured, never trained
+        "lora.rank": 16,
+        "lora.alpha": 32,
+        "lora.train.minutes": 240.0,
+        "lora.train.batch_size": 8,
+        "lora.train.grad_accum": 4,  # 8 x 4 = 32 samples per step, as on CPU
+        "lora.train.lr": 1e-4,
+        "eval.n_samples": 2000,
+        "eval.batch_size": 32,
+    },
+}
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = d
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+            raise ValueError(f"unknown config key {key!r}: no section {'.'.join(parts[:i + 1])!r}; "
+                             f"sections are {sorted(k for k, v in d.items() if isinstance(v, dict))}")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ValueError(f"unknown config key {key!r}; known keys here: {sorted(node)}")
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def make_config(profile: str = "default", overrides: dict[str, Any] | None = None) -> Config:
+    """The configuration of a profile with dotted overrides applied, validated.
+
+    Args:
+        profile: a name in `PROFILES`.
+        overrides: `{"rank": 16, "wta_thresholds": [0.999]}`; `None` values are ignored,
+            so a notebook can pass its parameters straight through.
+
+    Raises:
+        ValueError: unknown profile or key, or a value outside what the field allows.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    d = Config().to_dict()
+    for key, value in {**PROFILES[profile], **(overrides or {})}.items():
+        if value is not None:
+            _set_dotted(d, key, value)
+    d["profile"] = profile
+    return config_from_dict(d)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild (and validate) a `Config` from `to_dict()` output, e.g. a run's `config.json`."""
+    return Config(**copy.deepcopy(d))
