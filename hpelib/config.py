@@ -363,9 +363,9 @@ def make_config(profile: str = "default", overrides: dict[str, Any] | None = Non
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     d = Config().to_dict()
-    for key, value in {**PROFILES[profile], **(overrides or {})}.items():
-        if value is not None:
-            _set_dotted(d, key, value)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}  # None: keep the profile's
+    for key, value in {**PROFILES[profile], **given}.items():
+        _set_dotted(d, key, value)
     d["profile"] = profile
     return config_from_dict(d)
 

@@ -31,10 +31,9 @@ def _load_image(image):
     import numpy as np
 
     if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
+        from hpelib.data.real import load_image
 
-        with Image.open(image) as im:
-            return np.asarray(im.convert("RGB"))
+        return load_image(image)  # plain image files and BIWI's "file.npz#i" references
     return np.asarray(image)
 
 
@@ -149,6 +148,24 @@ def plot_pose_histograms(df, bins: int = 36) -> "plt.Figure":
         ax.set_xlabel(f"{angle} (deg)")
     fig.suptitle("head pose per domain", fontsize=11)
     return fig
+
+
+def plot_dataset_gallery(datasets, n_per_domain: int = 4, ncols: int | None = None) -> "plt.Figure":
+    """The first scenes of every split with their labelled boxes and pose axes.
+
+    Args:
+        datasets: `{"train": {domain: df}, "test": {domain: df}}` (`prepare.load_datasets`).
+        n_per_domain: scenes shown per split (one row each).
+    """
+    images, boxes, poses, titles = [], [], [], []
+    for role, by_domain in datasets.items():
+        for domain, df in by_domain.items():
+            for row in df.head(n_per_domain).itertuples(index=False):
+                images.append(row.image)
+                boxes.append((row.x0, row.y0, row.x1, row.y1))
+                poses.append((row.yaw, row.pitch, row.roll))
+                titles.append(f"{domain} ({role})\ny {row.yaw:.0f} p {row.pitch:.0f} r {row.roll:.0f}")
+    return plot_gallery(images, boxes, poses, titles=titles, ncols=ncols or n_per_domain)
 
 
 # --------------------------------------------------------------------------- layer similarity (03) and merges (04)

@@ -25,6 +25,8 @@ def test_overrides_apply_and_none_is_ignored():
     assert cfg.lora.rank == 4
     assert cfg.merge.wta_thresholds == [0.99]
     assert cfg.lora.alpha == make_config("smoke").lora.alpha
+    # None never hides a profile's own value (a notebook passes its unset parameters as None)
+    assert make_config("smoke", {"data.n_train": None}).data.n_train == make_config("smoke").data.n_train != Config().data.n_train
 
 
 def test_nested_override_reaches_lora_training():
