@@ -187,7 +187,8 @@ def _similarity_grid(sim, panel: str):
 
 def plot_similarity_heatmap(sim, threshold: float | None = None) -> "plt.Figure":
     """Heatmap of `1 - cos` (log colour scale): blocks as rows, module types as columns, one panel
-    per adapter (base reference) or adapter pair (pairwise).
+    per adapter (base reference) or adapter pair (pairwise); side by side, or one per row when
+    there are many module types.
 
     sim: a `hpelib.similarity.layer_similarity` table (one reference and granularity).
     threshold: if given, the cells it claims are outlined (`gid="claimed"`): base reference, the
@@ -195,6 +196,8 @@ def plot_similarity_heatmap(sim, threshold: float | None = None) -> "plt.Figure"
         marks the winner of each claimed unit (`hpelib.similarity.claim_table`). Cells with
         `1 - cos = 0` (adapter does not touch the layer) are left blank.
     """
+    import math
+
     import numpy as np
     import seaborn as sns
     from matplotlib.colors import LogNorm
@@ -211,25 +214,28 @@ def plot_similarity_heatmap(sim, threshold: float | None = None) -> "plt.Figure"
     vmax = float(positive.max()) if positive.size else 1.0
     vmax = vmax if vmax > vmin else vmin * 10
     blocks, modules, _ = _similarity_grid(sim, panels[0])
-    width = 1.6 + len(panels) * (1.2 + 0.55 * len(modules))
-    height = 1.8 + 0.28 * len(blocks)
+    ncols = len(panels) if len(panels) * len(modules) <= 16 else 1  # wide panels: one per row
+    nrows = math.ceil(len(panels) / ncols)
+    width = 1.6 + ncols * (1.2 + 0.55 * len(modules))
+    height = nrows * (1.8 + 0.28 * len(blocks))
     fig = Figure(figsize=(width, height), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flatten())
     winners = {}
     if threshold is not None:
         threshold = check_threshold(threshold)
         claims = claim_table(sim, threshold)
         winners = {(r.block, r.module): r.winner for r in claims.itertuples() if r.claimed}
-    for ax, panel in zip(axes, panels):
+    for k, (ax, panel) in enumerate(zip(axes, panels)):
+        first_col = k % ncols == 0
         _, _, grid = _similarity_grid(sim, panel)
         mask = ~(grid > 0)
         sns.heatmap(np.where(mask, np.nan, grid), mask=mask, ax=ax, cmap="viridis_r",
                     norm=LogNorm(vmin=vmin, vmax=vmax), cbar=ax is axes[-1],
                     cbar_kws={"label": "1 − cos (log scale)"}, xticklabels=modules,
-                    yticklabels=blocks if ax is axes[0] else False, linewidths=0.5, linecolor="white")
+                    yticklabels=blocks if first_col else False, linewidths=0.5, linecolor="white")
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("module")
-        ax.set_ylabel("block" if ax is axes[0] else "")
+        ax.set_ylabel("block" if first_col else "")
         ax.tick_params(axis="x", labelrotation=60)
         ax.tick_params(axis="y", labelrotation=0)
         if threshold is None:
