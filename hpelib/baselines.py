@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpelib import paths
+from hpelib import io, paths
 from hpelib.data.real import expand_box, load_image
 from hpelib.evaluate import ANGLES, aflw_filter, pose_mae, relative_change
 from hpelib.geometry import euler_to_matrix, matrix_to_euler
@@ -891,3 +891,79 @@ def relative_to_baseline(metrics: Mapping[str, Any], baseline_variant: str = CNN
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# --------------------------------------------------------------------------- the workbook's stages
+BASELINES_DIR = "baselines"
+
+
+def train_baselines(config, run_dir: str | os.PathLike, datasets: Mapping[str, Mapping[str, pd.DataFrame]],
+                    progress: bool = True) -> pd.DataFrame:
+    """Train the run's CNN baselines on its training split, into `<run_dir>/baselines/`.
+
+    `cnn6d@budget` gets the VLM's LoRA budget (`lora.train.minutes` / `max_steps`), so the
+    comparison is fair in CPU minutes; `cnn6d@converged` (when `baselines.cnn_converged_minutes`
+    > 0) trains until its held-out error stops improving, so it is fair in convergence too.
+    A model already saved in the folder is reused.
+
+    Returns:
+        One row per trained baseline: `variant`, `steps`, `train_seconds`, `stopped`, `path`.
+    """
+    b = config.baselines
+    out = Path(run_dir) / BASELINES_DIR
+    if not b.cnn:
+        return pd.DataFrame(columns=["variant", "steps", "train_seconds", "stopped", "path"])
+    train_df = next(iter(datasets["train"].values()))
+    eval_source = (renderer_source(config.data.train_domain, config.data.image_size)
+                   if all(df["domain"].iloc[0].startswith("synth") for df in datasets["train"].values()) else None)
+    plans = [(CNN_BUDGET, config.lora.train.minutes, config.lora.train.max_steps, None)]
+    if b.cnn_converged_minutes > 0:
+        plans.append((CNN_CONVERGED, b.cnn_converged_minutes, 1_000_000, 5))
+    rows = []
+    for variant, minutes, max_steps, patience in plans:
+        path = out / f"{variant}.safetensors"
+        info_path = out / f"{variant}.json"
+        if not (path.is_file() and info_path.is_file()):
+            _, history = train_cnn(train_df, minutes=minutes, max_steps=max_steps, batch_size=b.cnn_batch_size,
+                                   out_dir=out, seed=config.seed, eval_source=eval_source,
+                                   n_eval=min(256, config.eval.n_samples), patience=patience,
+                                   config=CNNConfig(image_size=b.cnn_image_size), name=variant, progress=progress)
+            io.write_json(info_path, {"variant": variant, "path": str(path), **{
+                k: history.attrs.get(k) for k in ("steps", "train_seconds", "stopped", "best_step", "n_params")}})
+        rows.append(io.read_json(info_path))
+    return pd.DataFrame(rows)
+
+
+def evaluate_baselines(config, run_dir: str | os.PathLike, datasets: Mapping[str, Mapping[str, pd.DataFrame]],
+                       progress: bool = True) -> dict[str, float]:
+    """Score the run's baselines on every test split (the first `eval.n_samples` rows, as the VLM).
+
+    Returns:
+        Flat metrics `<variant>/<domain>/<metric>` (`baseline_metrics`); MediaPipe only when
+        `baselines.mediapipe` and its extra is installed (otherwise a note is printed).
+    """
+    frames = {d: df.head(config.eval.n_samples) for d, df in datasets["test"].items()}
+    predictions, seconds = {}, {}
+    for path in sorted((Path(run_dir) / BASELINES_DIR).glob("cnn6d@*.safetensors")):
+        variant = path.stem
+        predictions[variant] = cnn_predictions(load_cnn(path), frames)
+        info = Path(run_dir) / BASELINES_DIR / f"{variant}.json"
+        if info.is_file():
+            seconds[variant] = io.read_json(info).get("train_seconds")
+    if config.baselines.mediapipe:
+        ok, why = mediapipe_available()
+        if ok:
+            predictions[MEDIAPIPE] = mediapipe_predictions(frames, progress=progress)
+        else:
+            print(f"note: MediaPipe baseline skipped: {why}")
+    return baseline_metrics(predictions, frames, {k: v for k, v in seconds.items() if v is not None},
+                            max_abs_angle=config.eval.max_abs_angle, penalty_deg=config.eval.invalid_penalty_deg)
+
+
+def training_metrics(runs: pd.DataFrame) -> dict[str, float]:
+    """Flat metrics of baseline training: `train/<variant>/steps` and `.../minutes`."""
+    out = {}
+    for row in runs.to_dict("records"):
+        out[f"train/{row['variant']}/steps"] = int(row.get("steps") or 0)
+        out[f"train/{row['variant']}/minutes"] = float(row.get("train_seconds") or 0.0) / 60
+    return out

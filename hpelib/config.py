@@ -189,6 +189,25 @@ class MergeConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """The 6DRepNet-style CNN and MediaPipe baselines (`hpelib.baselines`; trained in `02_train_lora`,
+    evaluated in `05_evaluate`)."""
+
+    cnn: bool = True  # train the CNN on the same training domain, with the LoRA stage's budget
+    cnn_converged_minutes: float = 0.0  # > 0: also train one to convergence (early stopping), this long at most
+    cnn_image_size: int = 64  # px of the head crops (6DRepNet uses 224 on real data)
+    cnn_batch_size: int = 32
+    mediapipe: bool = True  # evaluate MediaPipe's FaceLandmarker when the [peers] extra is installed
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.cnn_converged_minutes, (int, float)) and self.cnn_converged_minutes >= 0,
+               "cnn_converged_minutes", self.cnn_converged_minutes, "a number >= 0 (0: not trained)")
+        _check(isinstance(self.cnn_image_size, int) and 32 <= self.cnn_image_size <= 256,
+               "cnn_image_size", self.cnn_image_size, "an integer in [32, 256]")
+        _positive_int("cnn_batch_size", self.cnn_batch_size)
+
+
+@dataclass
 class EvalConfig:
     """`05_evaluate`: how many samples, how answers are generated and scored."""
 
@@ -219,6 +238,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
 
     def __post_init__(self) -> None:
         for name, cls in _SECTIONS.items():
@@ -250,7 +270,7 @@ def _build_section(name: str, cls: type, values: dict):
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "base": TrainConfig, "lora": LoraConfig,
-             "merge": MergeConfig, "eval": EvalConfig}
+             "merge": MergeConfig, "eval": EvalConfig, "baselines": BaselineConfig}
 
 # --------------------------------------------------------------------------- profiles
 # Dotted overrides on the defaults above. Comments say why a number is what it is.
@@ -278,8 +298,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "lora.train.checkpoint_every": 5,
         "merge.ta_lambdas": [1.0],
         "merge.wta_thresholds": [0.9999],
-        "eval.n_samples": 16,
+        "eval.n_samples": 8,  # 8 scenes x 3 prompts x 3 domains x 7 variants: ~500 short generations
         "eval.batch_size": 8,
+        "eval.max_new_tokens": 24,  # an answer is ~15 tiny-tokenizer tokens; an untrained model rambles
     },
     # One 80 GB GPU and a pretrained hub VLM: Qwen2-VL-2B-Instruct natively (for the paper's CogVLM see
     # docs/real_backends.md: -p model.backend cogvlm, its own environment, batch 4 x accum 8).

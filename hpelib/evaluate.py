@@ -637,3 +637,145 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.@:+=-]+")
 def safe_name(name: str) -> str:
     """A file-name-safe version of a variant or run name."""
     return _SAFE.sub("_", name).strip("_") or "_"
+
+
+# --------------------------------------------------------------------------- a run's test sets and variants
+def samples_from_split(df: pd.DataFrame, n: int, decimals: int = 0, objects: bool = True) -> list[Any]:
+    """The evaluation `Sample`s of one test split: per scene, the head-pose prompt, the head's
+    grounding prompt and (synthetic scenes, `objects=True`) the first uniquely named object's.
+
+    Args:
+        df: a split table (`hpelib.data.prepare.load_datasets`), the first `n` rows used.
+        n: scenes per domain.
+
+    Returns:
+        Samples with the ground truth in `meta` as `hpelib.data.tasks` writes it.
+    """
+    from hpelib import prompts
+    from hpelib.backends.base import Sample
+    from hpelib.data.real import load_image
+
+    out = []
+    for row in df.head(n).itertuples(index=False):
+        image = load_image(row.image)
+        box = (float(row.x0), float(row.y0), float(row.x1), float(row.y1))
+        pose = {a: float(getattr(row, a)) for a in ANGLES}
+        meta = {"domain": row.domain, "image": row.image}
+        out.append(Sample(image, prompts.HPE_PROMPT, prompts.format_hpe(box, **pose, decimals=decimals), "hpe",
+                          {**meta, "box": box, **pose, "target": prompts.HEAD}))
+        out.append(Sample(image, prompts.grounding_prompt(prompts.HEAD), prompts.format_box(box), "box",
+                          {**meta, "box": box, "target": prompts.HEAD, "target_kind": "head"}))
+        if objects:
+            names = [o["name"] for o in (getattr(row, "objects", None) or [])]
+            unique = [o for o in (getattr(row, "objects", None) or []) if names.count(o["name"]) == 1]
+            if unique:
+                o = unique[0]
+                obox = tuple(float(v) for v in o["box"])
+                out.append(Sample(image, prompts.grounding_prompt(o["name"]), prompts.format_box(obox), "box",
+                                  {**meta, "box": obox, "target": o["name"], "target_kind": "object"}))
+    return out
+
+
+def test_samples(datasets: Mapping[str, Mapping[str, pd.DataFrame]], n: int, decimals: int = 0) -> dict[str, list]:
+    """`{domain: samples}` for every test split of a run (`load_datasets(run_dir)`)."""
+    return {domain: samples_from_split(df, n, decimals) for domain, df in datasets["test"].items()}
+
+
+def run_variants(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every model variant a run produced, in evaluation order: `base`, `lora:<adapter>` for each
+    adapter folder under `adapters/`, and every merge under `merges/` (its folder name is its
+    variant name, e.g. `wta_cosine@0.9999`).
+
+    Returns:
+        One row per variant: `variant`, `kind` (base / lora / merge), `path`.
+    """
+    from hpelib import paths
+
+    run_dir = Path(run_dir)
+    rows = [{"variant": "base", "kind": "base", "path": str(run_dir / paths.BASE_DIR)}]
+    adapters = run_dir / paths.ADAPTERS_DIR
+    for d in sorted(adapters.iterdir()) if adapters.is_dir() else []:
+        if (d / "adapter_config.json").is_file():
+            rows.append({"variant": f"lora:{d.name}", "kind": "lora", "path": str(d)})
+    merges = run_dir / paths.MERGES_DIR
+    names = [d.name for d in merges.iterdir() if (d / "merge_manifest.json").is_file()] if merges.is_dir() else []
+    for name in sorted(names, key=variant_sort_key):
+        rows.append({"variant": name, "kind": "merge", "path": str(merges / name)})
+    return pd.DataFrame(rows)
+
+
+def load_variant(base: Any, row: Mapping[str, Any]) -> Any:
+    """A backend whose model is the variant of `row` (`run_variants`) over the base backend.
+
+    The base backend itself is never modified: adapters and merges are applied to copies.
+    """
+    import copy
+
+    if row["kind"] == "base":
+        return base
+    variant = copy.copy(base)  # shares the processor; the model is replaced below
+    if row["kind"] == "lora":
+        from peft import PeftModel
+
+        variant.model = PeftModel.from_pretrained(copy.deepcopy(base.model), row["path"]).eval()
+    else:
+        from hpelib.merge import load_merged_model
+
+        variant.model = load_merged_model(base.model, row["path"]).eval()
+    return variant
+
+
+def evaluate_run(base: Any, variants: pd.DataFrame, samples_by_domain: Mapping[str, Sequence[Any]], config: Any,
+                 tables_dir: str | os.PathLike | None = None, progress: bool = True) -> tuple[dict[str, float], pd.DataFrame]:
+    """Evaluate every variant of a run the same way (`evaluate_variant`), one after another.
+
+    Args:
+        base: the run's base backend.
+        variants: `run_variants(run_dir)` (or a subset of its rows).
+        samples_by_domain: `test_samples(...)`.
+        config: the run's `Config` (its `eval` section sets batch size, tokens, penalty, protocol).
+        tables_dir: where each variant's per-sample table is written (`<variant>.csv`), if given.
+
+    Returns:
+        `(metrics, table)`: every variant's flat metrics, and all per-sample tables concatenated.
+    """
+    e = config.eval
+    metrics: dict[str, float] = {}
+    tables = []
+    for row in variants.to_dict("records"):
+        backend = load_variant(base, row)
+        m, t = evaluate_variant(backend, samples_by_domain, row["variant"], e.batch_size, e.max_new_tokens,
+                                e.invalid_penalty_deg, e.max_abs_angle, progress)
+        metrics.update(m)
+        tables.append(t)
+        if tables_dir is not None:
+            save_table(t, Path(tables_dir) / f"{safe_name(row['variant'])}.csv")
+    return metrics, pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def reference_metrics(metrics: Mapping[str, Any], datasets: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The reference rows a results table shows beside the run's variants.
+
+    6DRepNet's published MAE for the real test sets the run used (AFLW2000, BIWI), and every
+    variant's relative `mae_mean` change against it; against the run's own 6DRepNet-style CNN
+    (`cnn6d@budget`) too, when the baselines were evaluated.
+    """
+    test_domains = list(datasets.get("test", {}))
+    out = published_metrics([d for d in test_domains if d in SIXDREPNET_PUBLISHED])
+    merged = {**metrics, **out}
+    if out:
+        out.update(relative_changes(merged, PUBLISHED_VARIANT))
+    for (var, _, _), _ in _parse_keys(metrics):
+        if var.startswith("cnn6d@"):
+            out.update(relative_changes(merged, var))
+            break
+    return out
+
+
+BASELINE_PREFIXES = ("cnn6d@", "mediapipe", PUBLISHED_VARIANT)
+
+
+def baseline_variants(metrics: Mapping[str, Any]) -> list[str]:
+    """The baseline and reference variants present in flat metrics (CNN, MediaPipe, published)."""
+    found = {var for (var, _, _), _ in _parse_keys(metrics)}
+    return sorted(v for v in found if v.startswith(BASELINE_PREFIXES))

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from hpelib import io
 
@@ -329,3 +330,110 @@ def plot_threshold_sweep(sweep) -> "plt.Figure":
         title += f" ({combos[0][0]} reference, per {combos[0][1]})"
     fig.suptitle(title, fontsize=11)
     return fig
+
+
+# --------------------------------------------------------------------------- evaluation (05)
+def plot_merge_curves(metrics, domains=None, methods=("wta_cosine", "task_arithmetic")) -> "plt.Figure":
+    """MAE of each merge method against its parameter (threshold, lambda), one panel per method,
+    one line per domain; the valid-format rate on a second axis (dashed).
+
+    Args:
+        metrics: flat `<variant>/<domain>/<metric>` metrics, variants named `method@param`.
+    """
+    from hpelib.evaluate import metric_curve, results_table
+
+    if domains is None:
+        domains = list(results_table(metrics, columns=("mae_mean",)).columns.get_level_values(0).unique())
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.2 * len(methods), 3.6), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        twin = ax.twinx()
+        for i, domain in enumerate(domains):
+            color = f"C{i}"
+            mae = metric_curve(metrics, method, domain, "mae_mean")
+            valid = metric_curve(metrics, method, domain, "valid_rate")
+            if len(mae):
+                ax.plot(mae.index, mae.values, "o-", color=color, label=domain)
+            if len(valid):
+                twin.plot(valid.index, valid.values, "s--", color=color, alpha=0.6)
+        xlabel = "threshold (1 - threshold on a log axis)" if method == "wta_cosine" else "lambda"
+        if method == "wta_cosine":
+            for a in (ax, twin):
+                a.set_xscale("function", functions=(lambda t: -np.log10(np.clip(1 - t, 1e-12, None)),
+                                                   lambda u: 1 - 10.0 ** (-u)))
+        ax.set(title=method, xlabel=xlabel, ylabel="mean MAE (deg), valid answers")
+        twin.set(ylabel="valid-format rate (dashed)", ylim=(-0.02, 1.02))
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def plot_error_vs_yaw(table, bins: int = 12) -> "plt.Figure":
+    """Mean absolute error per angle against the true yaw, per variant (head-pose answers only;
+    invalid answers are left out here and counted in the valid rate)."""
+    import pandas as pd
+    import seaborn as sns
+
+    hpe = table[(table["task"] == "hpe") & table["err_mean"].notna()].copy()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if len(hpe):
+        edges = np.linspace(-99, 99, bins + 1)
+        hpe["yaw_bin"] = pd.cut(hpe["gt_yaw"], edges).apply(lambda iv: iv.mid).astype(float)
+        sns.lineplot(data=hpe, x="yaw_bin", y="err_mean", hue="variant", marker="o", errorbar=None, ax=ax)
+    ax.set(xlabel="true yaw (deg)", ylabel="mean abs. error (deg)", title="error against true yaw")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def plot_answer_kinds(table, variants=None, max_panels: int = 8) -> "plt.Figure":
+    """Answer-kind confusion per variant: prompt type (rows) x answer kind (columns), as rates."""
+    import seaborn as sns
+
+    from hpelib.evaluate import answer_kind_confusion
+
+    variants = list(dict.fromkeys(table["variant"]))[:max_panels] if variants is None else variants
+    ncols = min(4, len(variants))
+    nrows = -(-len(variants) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.4 * nrows), squeeze=False)
+    for ax, variant in zip(axes.flat, variants):
+        t = table[table["variant"] == variant]
+        conf = answer_kind_confusion(t["prompt_type"].tolist(), t["kind"].tolist(), normalize=True)
+        sns.heatmap(conf, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="Blues", cbar=False, ax=ax)
+        ax.set(title=variant, xlabel="answer kind", ylabel="prompt")
+    for ax in list(axes.flat)[len(variants):]:
+        ax.set_axis_off()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def plot_answer_gallery(table, samples_by_domain, kind: str = "worst", n: int = 8) -> "plt.Figure":
+    """Head-pose answers drawn on their images: the `worst` valid ones (largest mean error) or the
+    `blended` ones, with true (solid) and predicted (dashed) boxes and pose axes.
+
+    Args:
+        table: per-sample table of `evaluate_run` (needs `image`, `gt_*`, `pred_*` columns).
+        samples_by_domain: the evaluated samples, to find each row's image.
+    """
+    from hpelib import prompts
+
+    images = {s.meta.get("image"): s.image for samples in samples_by_domain.values() for s in samples}
+    hpe = table[table["task"] == "hpe"]
+    rows = (hpe.dropna(subset=["err_mean"]).nlargest(n, "err_mean") if kind == "worst"
+            else hpe[hpe["kind"] == kind].head(n))
+    if not len(rows):
+        fig, ax = plt.subplots(figsize=(6, 1))
+        ax.text(0.5, 0.5, f"no {kind} answers", ha="center", va="center")
+        ax.set_axis_off()
+        plt.close(fig)
+        return fig
+    gt_box = rows[["gt_x0", "gt_y0", "gt_x1", "gt_y1"]].to_numpy().tolist()
+    gt_pose = rows[["gt_yaw", "gt_pitch", "gt_roll"]].to_numpy().tolist()
+    parsed = [prompts.parse_response(a) for a in rows["answer"].fillna("")]
+    pred_box = [p.box for p in parsed]
+    pred_pose = [None if p.yaw is None or p.pitch is None or p.roll is None else (p.yaw, p.pitch, p.roll) for p in parsed]
+    titles = [f"{r.variant} {r.domain}\n{str(r.answer)[:40]}" for r in rows.itertuples()]
+    return plot_gallery([images[i] for i in rows["image"]], gt_box, gt_pose, titles=titles,
+                        pred_boxes=pred_box, pred_poses=pred_pose)

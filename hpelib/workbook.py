@@ -156,7 +156,7 @@ NOTEBOOKS: tuple[str, ...] = (
 STAGE_CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
     "00_prepare_data": ("seed", "angle_decimals", "data", "model"),
     "01_train_base": ("base",),
-    "02_train_lora": ("lora",),
+    "02_train_lora": ("lora", "baselines"),
     "03_layer_similarity": ("merge",),
     "04_merge": ("merge",),
     "05_evaluate": ("eval",),

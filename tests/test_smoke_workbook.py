@@ -1,0 +1,86 @@
+"""The smoke tier (STYLE.md 11): the whole workbook, every notebook through papermill with the
+`smoke` profile, in a temporary data and runs folder; then the run's artefacts and metrics."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from hpelib import paths
+from hpelib.config import make_config
+from hpelib.workbook import NOTEBOOKS, main, notebook_parameters, notebook_path
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, head_assets):
+    """One smoke run for the module's tests (its data and base cache in a temporary folder)."""
+    import os
+
+    root = tmp_path_factory.mktemp("smoke")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HPE_DATA_DIR", str(root / "data"))
+    mp.setenv("HPE_RUNS_DIR", str(root / "runs"))
+    (root / "data" / "assets").mkdir(parents=True)
+    os.symlink(head_assets, root / "data" / "assets" / "menpo3d")
+    try:
+        rc = main(["run", "--profile", "smoke", "--name", "smoke", "--no-progress"])
+        yield rc, root / "runs" / "smoke"
+    finally:
+        mp.undo()
+
+
+def test_whole_workbook_runs_and_writes_every_artefact(smoke_run):
+    rc, run = smoke_run
+    assert rc == 0
+    for nb in NOTEBOOKS:
+        executed = nbformat.read(run / paths.NOTEBOOKS_DIR / f"{nb}.ipynb", as_version=4)
+        assert not [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                    if o.get("output_type") == "error"], nb
+    for name in (paths.RUN_CONFIG, paths.RUN_INFO, paths.METRICS, paths.DATASETS, paths.REPORT):
+        assert (run / name).is_file(), name
+    for adapter in make_config("smoke").lora.adapters:
+        assert (run / paths.ADAPTERS_DIR / adapter / "adapter_model.safetensors").is_file()
+        assert json.loads((run / paths.ADAPTERS_DIR / adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    wta = run / paths.MERGES_DIR / "wta_cosine@0.9999"
+    assert (wta / "adapter_config.json").is_file() and (wta / "adapter_model.safetensors").is_file()
+    figures = {p.name for p in (run / paths.FIGURES_DIR).glob("*.png")}
+    assert {"00_gallery.png", "03_similarity_base_module.png", "05_merge_curves.png", "05_answer_kinds.png"} <= figures
+
+
+def test_metrics_cover_every_variant_and_domain(smoke_run):
+    _, run = smoke_run
+    metrics = json.loads((run / paths.METRICS).read_text())
+    cfg = make_config("smoke")
+    variants = ["base", *(f"lora:{a}" for a in cfg.lora.adapters),
+                *(f"task_arithmetic@{lam:g}" for lam in cfg.merge.ta_lambdas),
+                *(f"wta_cosine@{t:g}" for t in cfg.merge.wta_thresholds)]
+    for variant in variants:
+        for domain in cfg.data.test_domains:
+            for metric in ("mae_all", "valid_rate", "blended_rate", "box_acc50", "grounding_acc50"):
+                key = f"{variant}/{domain}/{metric}"
+                assert key in metrics, key
+                assert 0 <= metrics[key] <= (cfg.eval.invalid_penalty_deg if metric == "mae_all" else 1), key
+    # training stops at whichever of minutes / max_steps comes first
+    assert 0 < metrics["train/base/steps"] <= cfg.base.max_steps
+    for adapter in cfg.lora.adapters:
+        assert 0 < metrics[f"train/lora:{adapter}/steps"] <= cfg.lora.train.max_steps
+    info = json.loads((run / paths.RUN_INFO).read_text())
+    assert info["profile"] == "smoke"
+    assert {"python", "torch", "transformers", "peft"} <= set(info["versions"])
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS)
+def test_every_notebook_documents_its_parameters(nb):
+    params = notebook_parameters(notebook_path(nb))
+    assert {"PROFILE", "RUN_DIR", "OVERRIDES"} <= set(params)
+    for name, p in params.items():
+        assert p["inferred_type_name"] not in ("None", ""), f"{nb}: {name} has no type annotation"
+        assert p["help"], f"{nb}: {name} has no help comment"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS)
+def test_notebooks_are_stored_without_outputs(nb):
+    stored = nbformat.read(notebook_path(nb), as_version=4)
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in stored.cells if c.cell_type == "code")
