@@ -1,0 +1,369 @@
+"""Scenes -> training samples: the tasks, the task mixer, and the fixed held-out evaluation sets.
+
+Tasks (each a function `scene, rng, decimals -> Sample | None`):
+
+- `hpe`: `HPE_PROMPT` -> `[[x0,y0,x1,y1]] yaw:.. pitch:.. roll:..` (`prompts.format_hpe`).
+- `box`: grounding of the head or of one of the coloured objects, `grounding_prompt(target)` ->
+  `[[x0,y0,x1,y1]]`; `box_head` / `box_object` ask for one kind only (for evaluation).
+- base curriculum (general visual features, never head pose): `orient` (the axis direction of a
+  rigid object, as two angles), `colour` (the colour of the object of a shape), `count` (how many
+  objects), `shape` (which shape has a colour).
+
+A `TaskMix` draws whole batches: each batch holds each task in proportion to its weight
+(largest-remainder rounding, so `{"hpe": 0.8, "box": 0.2}` at batch 32 is always 26 + 6), and
+every batch is a pure function of `(seed, step)`: a resumed run sees exactly the batches an
+uninterrupted one would. Held-out sets come from another seed stream (`EVAL_STREAM`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from hpelib import prompts
+from hpelib.backends.base import Sample
+
+TRAIN_STREAM = 0  # np.random.default_rng([seed, TRAIN_STREAM, step]) draws training batch `step`
+EVAL_STREAM = 1  # ... [seed, EVAL_STREAM, i] draws held-out sample i: never a training scene
+
+COUNT_PROMPT = "How many objects?"
+HEAD = prompts.HEAD
+
+
+# --------------------------------------------------------------------------- scene access
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def scene_objects(scene) -> list[dict[str, Any]]:
+    """The scene's visible objects as dicts: `name` ("red cube"), `shape`, `colour`, `box`
+    (relative x0, y0, x1, y1) and `axis` (unit 3-vector of the object's symmetry axis in the
+    camera frame, or None)."""
+    out = []
+    for o in _get(scene, "objects", None) or []:
+        name = _get(o, "name")
+        shape = _get(o, "shape") or (name.split()[-1] if name else None)
+        colour = _get(o, "colour") or _get(o, "color")
+        if not isinstance(colour, str):  # an RGB triple or nothing: the name says it
+            colour = " ".join(name.split()[:-1]) if name else None
+        box = _get(o, "box")
+        if box is None or name is None:
+            continue
+        axis = _get(o, "axis")
+        rotation = _get(o, "rotation")
+        if axis is None and rotation is not None:
+            axis = np.asarray(rotation, np.float64)[:, 1]  # the model's +y axis in camera frame
+        out.append({"name": name, "shape": shape, "colour": colour, "box": tuple(map(float, box)),
+                    "axis": None if axis is None else np.asarray(axis, np.float64)})
+    return out
+
+
+def head_box(scene) -> tuple[float, float, float, float]:
+    box = _get(scene, "head_box")
+    if box is None:
+        box = _get(scene, "box")
+    return tuple(map(float, box))
+
+
+# --------------------------------------------------------------------------- tasks
+def _meta(scene, **extra) -> dict[str, Any]:
+    domain = _get(scene, "domain") or _get(_get(scene, "meta", {}) or {}, "domain", "")
+    return {"domain": domain, **extra}
+
+
+def task_hpe(scene, rng: np.random.Generator, decimals: int = 0) -> Sample:
+    yaw, pitch, roll = (float(_get(scene, k)) for k in ("yaw", "pitch", "roll"))
+    box = head_box(scene)
+    return Sample(_get(scene, "image"), prompts.HPE_PROMPT,
+                  prompts.format_hpe(box, yaw, pitch, roll, decimals=decimals), "hpe",
+                  _meta(scene, box=box, yaw=yaw, pitch=pitch, roll=roll, target=HEAD))
+
+
+def _box_sample(scene, target: str, box, kind: str) -> Sample:
+    return Sample(_get(scene, "image"), prompts.grounding_prompt(target), prompts.format_box(box), "box",
+                  _meta(scene, box=tuple(box), target=target, target_kind=kind))
+
+
+def task_box_head(scene, rng, decimals: int = 0) -> Sample:
+    return _box_sample(scene, HEAD, head_box(scene), "head")
+
+
+def task_box_object(scene, rng, decimals: int = 0) -> Sample | None:
+    # only objects whose name is unique in the scene: "the red cube" must mean one thing
+    objs = [o for o in scene_objects(scene) if sum(p["name"] == o["name"] for p in scene_objects(scene)) == 1]
+    if not objs:
+        return None
+    o = objs[rng.integers(len(objs))]
+    return _box_sample(scene, o["name"], o["box"], "object")
+
+
+def task_box(scene, rng, decimals: int = 0) -> Sample | None:
+    """Grounding: the head in half the samples, an object in the other half (when any)."""
+    if rng.random() < 0.5:
+        return task_box_head(scene, rng, decimals)
+    return task_box_object(scene, rng, decimals) or task_box_head(scene, rng, decimals)
+
+
+def axis_angles(axis: np.ndarray) -> tuple[int, int]:
+    """A symmetry axis (unit, camera frame, sign-free) as two integer angles in degrees.
+
+    `tilt`: the axis's angle in the image plane from image-up, in [-90, 90) (a line, so +-90 are
+    one); `depth`: how far it leans toward the camera, in [0, 90].
+    """
+    x, y, z = (float(v) for v in axis)
+    if y < 0 or (y == 0 and x < 0):
+        x, y, z = -x, -y, -z
+    tilt = math.degrees(math.atan2(-x, y))  # counter-clockwise from image-up, positive to the left
+    tilt = (tilt + 90.0) % 180.0 - 90.0
+    depth = math.degrees(math.asin(min(1.0, abs(z))))
+    return int(round(tilt)) if round(tilt) != 90 else -90, int(round(depth))
+
+
+def task_orient(scene, rng, decimals: int = 0) -> Sample | None:
+    """`How is the red cone turned?` -> `tilt:-35 depth:20` (rigid-object orientation; not head pose)."""
+    objs = [o for o in scene_objects(scene) if o["axis"] is not None and o["shape"] != "sphere"
+            and sum(p["name"] == o["name"] for p in scene_objects(scene)) == 1]
+    if not objs:
+        return None
+    o = objs[rng.integers(len(objs))]
+    tilt, depth = axis_angles(o["axis"])
+    return Sample(_get(scene, "image"), f"How is the {o['name']} turned?", f"tilt:{tilt} depth:{depth}", "orient",
+                  _meta(scene, target=o["name"], tilt=tilt, depth=depth))
+
+
+def task_colour(scene, rng, decimals: int = 0) -> Sample | None:
+    objs = scene_objects(scene)
+    unique = [o for o in objs if o["shape"] and o["colour"] and sum(p["shape"] == o["shape"] for p in objs) == 1]
+    if not unique:
+        return None
+    o = unique[rng.integers(len(unique))]
+    return Sample(_get(scene, "image"), f"What colour is the {o['shape']}?", o["colour"], "colour",
+                  _meta(scene, target=o["shape"]))
+
+
+def task_count(scene, rng, decimals: int = 0) -> Sample:
+    n = len(scene_objects(scene))
+    return Sample(_get(scene, "image"), COUNT_PROMPT, str(n), "count", _meta(scene, count=n))
+
+
+TASKS: dict[str, Callable[..., Sample | None]] = {
+    "hpe": task_hpe,
+    "box": task_box,
+    "box_head": task_box_head,
+    "box_object": task_box_object,
+    "orient": task_orient,
+    "colour": task_colour,
+    "count": task_count,
+}
+
+# The base curriculum of the tiny backend: grounding (heads and objects) plus general visual
+# skills; no head pose anywhere. Weights: grounding dominates, as in a grounding generalist.
+BASE_MIX = {"box": 0.6, "orient": 0.2, "colour": 0.1, "count": 0.1}
+
+
+def lora_mix(rehearsal_ratio: float) -> dict[str, float]:
+    """The LoRA stage's mix: head pose, plus `rehearsal_ratio` of grounding samples."""
+    if not 0 <= rehearsal_ratio < 1:
+        raise ValueError(f"rehearsal_ratio must be in [0, 1), got {rehearsal_ratio}")
+    return {"hpe": 1.0 - rehearsal_ratio, "box": rehearsal_ratio} if rehearsal_ratio > 0 else {"hpe": 1.0}
+
+
+# --------------------------------------------------------------------------- mixing and streams
+def allocate(weights: dict[str, float], n: int) -> dict[str, int]:
+    """Split `n` samples over tasks in proportion to `weights` (largest remainder, ties by name)."""
+    total = sum(weights.values())
+    exact = {k: n * w / total for k, w in weights.items() if w > 0}
+    counts = {k: int(math.floor(v)) for k, v in exact.items()}
+    rest = n - sum(counts.values())
+    for k in sorted(exact, key=lambda k: (-(exact[k] - counts[k]), k))[:rest]:
+        counts[k] += 1
+    return counts
+
+
+@dataclass
+class TaskMix:
+    """Task weights, e.g. `TaskMix({"hpe": 0.8, "box": 0.2})`; validated, normalised on use."""
+
+    weights: dict[str, float] = field(default_factory=lambda: dict(BASE_MIX))
+
+    def __post_init__(self) -> None:
+        if not self.weights:
+            raise ValueError("TaskMix needs at least one task")
+        for k, w in self.weights.items():
+            if k not in TASKS:
+                raise ValueError(f"unknown task {k!r}; tasks are {sorted(TASKS)}")
+            if not (isinstance(w, (int, float)) and w >= 0):
+                raise ValueError(f"weight of task {k!r} must be a number >= 0, got {w!r}")
+        if sum(self.weights.values()) <= 0:
+            raise ValueError(f"TaskMix weights must not all be 0, got {self.weights}")
+
+
+def mirror_scene(scene) -> SimpleNamespace:
+    """The scene mirrored left-right: a second, free training view of one render.
+
+    Mirroring x maps `R = Rz(roll) Ry(yaw) Rx(pitch)` to `M R M = Rz(-roll) Ry(-yaw) Rx(pitch)`
+    (M = diag(-1, 1, 1)), so yaw and roll change sign, pitch stays; boxes and object axes mirror.
+    """
+    x0, y0, x1, y1 = head_box(scene)
+    objects = []
+    for o in _get(scene, "objects", None) or []:
+        o = dict(o)
+        bx0, by0, bx1, by1 = o["box"]
+        o["box"] = [1.0 - bx1, by0, 1.0 - bx0, by1]
+        if o.get("axis") is not None:
+            ax = np.asarray(o["axis"], np.float64) * np.array([-1.0, 1.0, 1.0])
+            o["axis"] = ax.tolist()
+        o.pop("rotation", None)
+        objects.append(o)
+    meta = dict(_get(scene, "meta", {}) or {}, mirrored=True)
+    flip = lambda a: 0.0 - float(a)  # noqa: E731  (0.0 - 0.0 keeps +0.0)
+    return SimpleNamespace(image=np.ascontiguousarray(_get(scene, "image")[:, ::-1]),
+                           box=(1.0 - x1, y0, 1.0 - x0, y1), yaw=flip(_get(scene, "yaw")),
+                           pitch=float(_get(scene, "pitch")), roll=flip(_get(scene, "roll")),
+                           objects=objects, meta=meta)
+
+
+class SampleStream:
+    """Training batches rendered on the fly: `stream.batch(step)` -> `list[Sample]`.
+
+    Batch `step` depends only on `(seed, step, part)`, so resuming at step k reproduces the rest
+    of an uninterrupted run. Each render serves two samples: the scene and its mirror image
+    (`mirror_scene`), which halves the rendering cost (~30 ms a scene on 2 busy cores, as much as
+    a training step of the tiny VLM). A task that does not apply to a view (no object to ask
+    about) takes a fresh render.
+
+    Args:
+        renderer: has `render(rng) -> scene` (a `hpelib.data.synth.SceneRenderer`).
+        mix: a `TaskMix` or a dict of weights.
+        batch_size: samples per batch.
+        seed: the training seed.
+        decimals: digits after the point of the angles in answers.
+        mirror: serve each render twice (as is and mirrored).
+    """
+
+    def __init__(self, renderer, mix: TaskMix | dict, batch_size: int, seed: int = 0, decimals: int = 0,
+                 mirror: bool = True):
+        self.renderer = renderer
+        self.mix = mix if isinstance(mix, TaskMix) else TaskMix(dict(mix))
+        self.batch_size = batch_size
+        self.seed = seed
+        self.decimals = decimals
+        self.mirror = mirror
+        self.counts = allocate(self.mix.weights, batch_size)
+
+    def batch(self, step: int, part: int = 0) -> list[Sample]:
+        """Batch `step`; `part` tells data-parallel processes apart (each draws its own scenes)."""
+        rng = np.random.default_rng([self.seed, TRAIN_STREAM, step, part])
+        tasks = [t for t, c in sorted(self.counts.items()) for _ in range(c)]
+        rng.shuffle(tasks)
+        views: list = []
+        out = []
+        for task in tasks:
+            if not views:
+                scene = self.renderer.render(rng)
+                views = [scene, mirror_scene(scene)] if self.mirror else [scene]
+            sample = TASKS[task](views.pop(0), rng, self.decimals)
+            out.append(sample if sample is not None else _render_task(self.renderer, task, rng, self.decimals))
+        return out
+
+
+def _render_task(renderer, task: str, rng: np.random.Generator, decimals: int, max_tries: int = 20) -> Sample:
+    """One sample of `task` from fresh renders (re-rendering while the task does not apply)."""
+    for _ in range(max_tries):
+        sample = TASKS[task](renderer.render(rng), rng, decimals)
+        if sample is not None:
+            return sample
+    raise RuntimeError(f"task {task!r}: no applicable scene in {max_tries} renders; does the domain draw objects?")
+
+
+def eval_set(renderer, tasks: Iterable[str] | dict[str, int], n: int = 64, seed: int = 0,
+             decimals: int = 0) -> list[Sample]:
+    """A fixed held-out set: `n` samples per task (or `{task: n}`), from the `EVAL_STREAM` seeds.
+
+    The same arguments always give the same samples, and never a training scene.
+    """
+    sizes = dict(tasks) if isinstance(tasks, dict) else {t: n for t in tasks}
+    out: list[Sample] = []
+    for j, (task, k) in enumerate(sorted(sizes.items())):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; tasks are {sorted(TASKS)}")
+        for i in range(k):
+            rng = np.random.default_rng([seed, EVAL_STREAM, j, i])
+            out.append(_render_task(renderer, task, rng, decimals))
+    return out
+
+
+# --------------------------------------------------------------------------- dense targets
+def dense_targets(scene, colours: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Regression targets of the vision pre-training's temporary head (never head pose).
+
+    Layout: the head box (4), then per colour in `colours`: present (1), box (4), axis as
+    `(cos 2t, sin 2t, depth/90)` of `axis_angles` (3, where the object has an axis), shape one-hot
+    (len(SHAPE_WORDS)), then the object count / 4 (1).
+
+    Returns:
+        `(values, mask)`, both `(D,)` float32; `mask` is 0 where a value is undefined (an absent
+        object's box, a sphere's axis).
+    """
+    colours = list(colours)
+    k = 1 + 4 + 3 + len(SHAPE_WORDS)
+    values = np.zeros(4 + k * len(colours) + 1, np.float32)
+    mask = np.zeros_like(values)
+    values[:4], mask[:4] = head_box(scene), 1
+    objs = scene_objects(scene)
+    for i, c in enumerate(colours):
+        base = 4 + k * i
+        mask[base] = 1  # presence is always defined
+        for o in objs:
+            if o["colour"] != c:
+                continue
+            values[base] = 1
+            values[base + 1:base + 5], mask[base + 1:base + 5] = o["box"], 1
+            if o["axis"] is not None and o["shape"] != "sphere":
+                tilt, depth = axis_angles(o["axis"])
+                t = math.radians(2 * tilt)
+                values[base + 5:base + 8] = (math.cos(t), math.sin(t), depth / 90)
+                mask[base + 5:base + 8] = 1
+            if o["shape"] in SHAPE_WORDS:
+                values[base + 8 + SHAPE_WORDS.index(o["shape"])] = 1
+                mask[base + 8:base + 8 + len(SHAPE_WORDS)] = 1
+    values[-1], mask[-1] = len(objs) / 4, 1
+    return values, mask
+
+
+def scene_colours() -> list[str]:
+    """The object colour names the renderer uses (`synth.COLORS`)."""
+    from hpelib.data import synth
+
+    return list(synth.COLORS)
+
+
+# --------------------------------------------------------------------------- vocabulary
+SHAPE_WORDS = ("cube", "sphere", "cone", "cylinder", "torus")
+COLOUR_WORDS = ("red", "green", "blue", "yellow", "orange", "purple", "white", "black", "cyan", "magenta",
+                "pink", "brown", "grey", "gray")
+
+
+def corpus() -> list[str]:
+    """Every prompt and answer text pattern the tasks produce (the tiny tokenizer's corpus)."""
+    shapes, colours = list(SHAPE_WORDS), list(COLOUR_WORDS)
+    try:  # the renderer's own names, when it defines them
+        from hpelib.data import synth
+
+        shapes += list(getattr(synth, "SHAPES", ()))
+        colours += list(getattr(synth, "COLORS", {}))
+    except Exception:
+        pass
+    texts = [prompts.HPE_PROMPT, prompts.grounding_prompt(HEAD), COUNT_PROMPT, "tilt:0 depth:0",
+             "yaw:0 pitch:0 roll:0"]
+    for s in shapes:
+        texts += [f"What colour is the {s}?"]
+        for c in colours:
+            texts += [prompts.grounding_prompt(f"{c} {s}"), f"How is the {c} {s} turned?"]
+    return texts

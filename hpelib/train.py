@@ -1,0 +1,797 @@
+"""Training: the base pre-training (`01_train_base`) and LoRA fine-tuning (`02_train_lora`).
+
+One loop (`fit`) serves both stages, on `accelerate` (CPU here, GPUs or several processes with
+`accelerate launch`):
+
+- batches rendered on the fly by a `tasks.SampleStream` (a task mix; for LoRA, head pose plus a
+  rehearsal ratio of grounding samples), each batch a pure function of `(seed, step)`;
+- AdamW, linear warmup then cosine decay to `MIN_LR_FRACTION` of the peak; gradient
+  accumulation and clipping;
+- a wall-clock budget (`minutes`) or `max_steps`, whichever comes first. The cosine needs a
+  length: after `CALIBRATION_STEPS` steps the loop measures its speed and fixes
+  `total_steps = min(max_steps, steps that fit the budget)`; the number is stored in every
+  checkpoint, so a resumed run continues the same schedule;
+- a held-out evaluation every `eval_every` steps (valid-format rate, pose MAE, box Acc@0.5);
+- checkpoints every `checkpoint_every` steps, written to a temporary folder and renamed
+  (trainable weights as safetensors, optimiser, step, schedule, RNG states, history); a run
+  started again in the same folder resumes from the latest one;
+- a tqdm bar, `history.csv` and `loss.png` in the output folder.
+
+Entry points: `train_base(config, out_dir)` (cached by a hash of what defines the base) and
+`train_lora(config, base_dir, adapter_name, rehearsal_ratio, out_dir)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hpelib import io, paths, prompts
+from hpelib.backends.base import Backend, Sample, get_backend_class
+from hpelib.config import Config, TrainConfig, make_config
+from hpelib.data import tasks
+from hpelib.geometry import angle_difference
+
+MIN_LR_FRACTION = 0.05  # the cosine ends at 5 % of the peak learning rate, not 0
+CALIBRATION_STEPS = 8  # steps timed before the schedule's length is fixed from the budget
+RECALIBRATE_EVERY = 50  # steps between re-estimates of the schedule's length
+CHECKPOINT_PREFIX = "checkpoint-"
+LATEST = "latest_checkpoint.txt"
+HISTORY_CSV = "history.csv"
+LOSS_PNG = "loss.png"
+DONE = "training_done.json"
+BASE_VERSION = 1  # bump when base training code changes what a cached base is
+
+# the base's held-out tasks (heads and objects separately) and the LoRA stage's
+BASE_EVAL_TASKS = ("box_head", "box_object")
+LORA_EVAL_TASKS = ("hpe", "box_head", "box_object")
+
+
+# ------------------------------------------------------------------------------------ schedule
+def lr_factor(step: int, warmup_steps: int, total_steps: int | None) -> float:
+    """Learning-rate multiplier at optimiser step `step` (0-based).
+
+    Linear warmup over `warmup_steps`, then a cosine from 1 to `MIN_LR_FRACTION` at
+    `total_steps`; while `total_steps` is unknown (calibration) the factor stays at the warmup's.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if total_steps is None:
+        return 1.0
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / span, 1.0)
+    return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------ scoring
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def score_answers(samples: Sequence[Sample], answers: Sequence[str]) -> pd.DataFrame:
+    """One row per sample: `task`, `target_kind`, `answer`, `kind`, `valid`, `iou`, `err_yaw`,
+    `err_pitch`, `err_roll` (wrap-aware absolute errors; NaN where the answer is not valid)."""
+    rows = []
+    for s, a in zip(samples, answers):
+        task = "hpe" if s.task == "hpe" else "box" if s.task == "box" else None
+        r = prompts.parse_response(a, task=task)
+        name = f"box_{s.meta['target_kind']}" if s.task == "box" and s.meta.get("target_kind") else s.task
+        row = {"task": name, "target_kind": s.meta.get("target_kind", "head" if s.task == "hpe" else ""),
+               "prompt": s.prompt, "answer": a, "truth": s.answer, "kind": r.kind,
+               "valid": r.kind == task if task else a.strip() == (s.answer or "").strip(),
+               "iou": np.nan, "err_yaw": np.nan, "err_pitch": np.nan, "err_roll": np.nan}
+        if task and row["valid"] and "box" in s.meta:
+            row["iou"] = _iou(r.box, s.meta["box"])
+        if task == "hpe" and row["valid"]:
+            for k in ("yaw", "pitch", "roll"):
+                row[f"err_{k}"] = float(abs(angle_difference(getattr(r, k), s.meta[k])))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarize(table: pd.DataFrame) -> dict[str, float]:
+    """Held-out metrics from `score_answers`: per task `valid_rate`, `acc50` (boxes; an invalid
+    answer is a miss) and for `hpe` the MAE per angle and `mae_mean` (valid answers)."""
+    out: dict[str, float] = {}
+    for task, g in table.groupby("task"):
+        out[f"{task}/valid_rate"] = float(g["valid"].mean())
+        if task in ("hpe", "box", "box_head", "box_object"):
+            out[f"{task}/acc50"] = float((g["iou"].fillna(0.0) >= 0.5).mean())
+        if task == "hpe":
+            for k in ("yaw", "pitch", "roll"):
+                out[f"hpe/mae_{k}"] = float(g[f"err_{k}"].mean())
+            out["hpe/mae_mean"] = float(np.mean([out[f"hpe/mae_{k}"] for k in ("yaw", "pitch", "roll")]))
+        if task not in ("hpe", "box", "box_head", "box_object"):
+            out[f"{task}/exact"] = float(g["valid"].mean())
+    out["valid_rate"] = float(table["valid"].mean()) if len(table) else float("nan")
+    return out
+
+
+def evaluate_samples(backend: Backend, samples: Sequence[Sample], batch_size: int = 32,
+                     max_new_tokens: int = 40) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Generate answers for `samples` and score them: `(table, metrics)` (see `summarize`)."""
+    answers: list[str] = []
+    for i in range(0, len(samples), batch_size):
+        answers += backend.generate(list(samples[i:i + batch_size]), max_new_tokens=max_new_tokens)
+    table = score_answers(samples, answers)
+    return table, summarize(table)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+@dataclass
+class LoopState:
+    """What a checkpoint restores besides weights and optimiser."""
+
+    step: int = 0  # optimiser steps done
+    total_steps: int | None = None  # schedule length, fixed after calibration
+    elapsed_s: float = 0.0  # training wall time spent so far (all sessions)
+    history: list = dataclasses.field(default_factory=list)
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer, state: LoopState, keep: int = 1) -> Path:
+    """Write `out_dir/checkpoint-<step>/` atomically (temp folder + rename), point `LATEST` at it,
+    and delete older checkpoints beyond `keep`."""
+    from safetensors.torch import save_file
+
+    final = out_dir / f"{CHECKPOINT_PREFIX}{state.step:07d}"
+    tmp = out_dir / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, tmp / "rng.pt")
+    io.write_json(tmp / "state.json", dataclasses.asdict(state))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    io.write_text(out_dir / LATEST, final.name + "\n")
+    old = sorted(p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p != final)
+    for p in old[:max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = Path(out_dir) / LATEST
+    if not pointer.exists():
+        return None
+    path = Path(out_dir) / pointer.read_text().strip()
+    return path if (path / "state.json").exists() else None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> LoopState:
+    """Restore trainable weights, optimiser and RNG states; return the loop state."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise ValueError(f"{path}: checkpoint holds weights the model lacks, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w.to(params[n].device, params[n].dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    return LoopState(**json.loads((path / "state.json").read_text()))
+
+
+# ------------------------------------------------------------------------------------ the loop
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in n.lower() or "embed" in n.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sample], train: TrainConfig,
+        out_dir: str | os.PathLike, desc: str = "train", progress: bool = True,
+        stop_after_steps: int | None = None) -> pd.DataFrame:
+    """Train `backend.model`'s trainable parameters on `stream` under the budget in `train`.
+
+    Resumes from the latest checkpoint in `out_dir` if there is one.
+
+    Args:
+        backend: the model (its trainable parameters are trained: all for the base, LoRA's for
+            an adapter) and how to encode samples.
+        stream: the training batches; `stream.batch_size` is the batch per optimiser micro-step.
+        eval_samples: the fixed held-out samples scored every `train.eval_every` steps.
+        train: budget, optimiser and schedule.
+        out_dir: checkpoints, `history.csv`, `loss.png`.
+        stop_after_steps: stop (as if interrupted) after this many steps in this call; for tests.
+
+    Returns:
+        The history: one row per optimiser step (`step`, `loss`, `lr`, `elapsed_s`) with the
+        held-out metrics on evaluation steps.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(gradient_accumulation_steps=train.grad_accum,
+                              cpu=backend.device.type == "cpu")
+    torch.manual_seed(train.seed)
+    model = backend.model
+    model.train()
+    optimizer = torch.optim.AdamW(_param_groups(model, train.weight_decay), lr=train.lr, betas=(0.9, 0.98))
+
+    state = LoopState()
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    is_main = accelerator.is_main_process
+    part = accelerator.process_index
+    budget_s = train.minutes * 60.0
+
+    def evaluate() -> dict[str, float]:
+        if not eval_samples:
+            return {}
+        unwrapped = accelerator.unwrap_model(model)
+        saved, backend.model = backend.model, unwrapped
+        try:
+            _, metrics = evaluate_samples(backend, eval_samples, batch_size=max(train.batch_size, 32))
+        finally:
+            backend.model = saved
+        unwrapped.train()
+        return metrics
+
+    steps_this_call = 0
+    bar = tqdm(total=state.total_steps or train.max_steps, initial=state.step, desc=desc, disable=not (progress and is_main),
+               dynamic_ncols=True)
+    t_session = time.time()
+    elapsed0 = state.elapsed_s
+    calib_t0, calib_step0 = None, 0
+    while state.step < (state.total_steps or train.max_steps):
+        if state.elapsed_s >= budget_s:
+            break
+        if stop_after_steps is not None and steps_this_call >= stop_after_steps:
+            break
+        if calib_t0 is None and steps_this_call == 1:  # the first step of a session is slow
+            calib_t0, calib_step0 = (time.time(), state.elapsed_s), state.step
+        lr = train.lr * lr_factor(state.step, train.warmup_steps, state.total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = []
+        for micro in range(train.grad_accum):
+            samples = stream.batch(state.step * train.grad_accum + micro, part=part)
+            batch = backend.collate([backend.encode(s) for s in samples])
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            losses.append(float(loss.detach()))
+        state.step += 1
+        steps_this_call += 1
+        state.elapsed_s = elapsed0 + (time.time() - t_session)
+        row: dict[str, Any] = {"step": state.step, "loss": float(np.mean(losses)), "lr": lr,
+                               "elapsed_s": round(state.elapsed_s, 2)}
+        # calibration: fix the schedule's length from the measured speed, and re-estimate it
+        # every RECALIBRATE_EVERY steps (a shared CPU's speed drifts); the cosine then stretches
+        # or shrinks so that it still ends when the budget does
+        recalibrate = state.total_steps is not None and state.step % RECALIBRATE_EVERY == 0 \
+            and state.total_steps < train.max_steps
+        if (state.total_steps is None and state.step >= CALIBRATION_STEPS + 1 and calib_t0 is not None) or recalibrate:
+            if calib_t0 is not None and state.step > 1:
+                per_step = (state.elapsed_s - calib_t0[1]) / max(state.step - calib_step0, 1)
+            else:
+                per_step = state.elapsed_s / state.step
+            per_step *= 1.08  # room for the held-out evaluations
+            fit_steps = state.step + int(max(budget_s - state.elapsed_s, 0) / max(per_step, 1e-6))
+            total = int(max(min(train.max_steps, fit_steps), state.step + 1))
+            if accelerator.num_processes > 1:
+                total = int(accelerator.gather(torch.tensor([total], device=accelerator.device)).min().item())
+            state.total_steps = total
+            bar.total = state.total_steps
+        if state.total_steps is None and state.step >= train.max_steps:
+            state.total_steps = train.max_steps
+        last = state.step >= (state.total_steps or train.max_steps) or state.elapsed_s >= budget_s
+        if accelerator.num_processes > 1:  # every process must stop at the same step
+            last = bool(accelerator.gather(torch.tensor([int(last)], device=accelerator.device)).max().item())
+            if last:
+                state.total_steps = state.step
+        if state.step % train.eval_every == 0 or last:
+            row.update(evaluate())
+        state.history.append(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
+        if is_main and (state.step % train.checkpoint_every == 0 or last):
+            save_checkpoint(out_dir, accelerator.unwrap_model(model), optimizer, state)
+            write_history(out_dir, state.history)
+        accelerator.wait_for_everyone()
+    bar.close()
+    if is_main:
+        write_history(out_dir, state.history)
+    backend.model = accelerator.unwrap_model(model)
+    history = pd.DataFrame(state.history)
+    history.attrs["finished"] = stop_after_steps is None or steps_this_call < stop_after_steps
+    return history
+
+
+def write_history(out_dir: Path, history: list[dict]) -> None:
+    """`history.csv` and the loss-curve `loss.png` (atomically)."""
+    df = pd.DataFrame(history)
+    io.write_text(out_dir / HISTORY_CSV, df.to_csv(index=False))
+    if len(df):
+        from hpelib.plots import save_figure
+
+        fig = plot_history(df)
+        save_figure(fig, out_dir / LOSS_PNG)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def plot_history(history: pd.DataFrame):
+    """Loss per step (smoothed) and the held-out metrics at evaluation steps."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False) if not hasattr(sys, "ps1") else None
+    import matplotlib.pyplot as plt
+
+    metric_cols = [c for c in history.columns if c.endswith(("acc50", "mae_mean")) or c == "valid_rate"]
+    fig, axes = plt.subplots(1, 2 if metric_cols else 1, figsize=(10 if metric_cols else 5, 3.2), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(history["step"], history["loss"], alpha=0.3, color="C0")
+    ax.plot(history["step"], history["loss"].rolling(20, min_periods=1).mean(), color="C0", label="loss (20-step mean)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    if metric_cols:
+        ax = axes[0, 1]
+        ev = history.dropna(subset=metric_cols, how="all")
+        for c in metric_cols:
+            if c.endswith("mae_mean"):
+                continue
+            ax.plot(ev["step"], ev[c], marker="o", label=c)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out rate")
+        mae = [c for c in metric_cols if c.endswith("mae_mean")]
+        if mae:
+            ax2 = ax.twinx()
+            ax2.plot(ev["step"], ev[mae[0]], color="k", ls="--", marker="x", label=mae[0])
+            ax2.set_ylabel("pose MAE (deg)")
+            ax2.legend(loc="center right")
+        ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------ vision pre-training
+VISION_PRETRAIN_FRACTION = 0.25  # of the tiny base's budget: encoder first, as LLaVA-style VLMs start
+VISION_PRETRAIN_LR = 2e-3
+
+
+class DenseHead(torch.nn.Module):
+    """Temporary head on the image tokens `(B, T, D)` -> `(B, n_targets)`; dropped afterwards."""
+
+    def __init__(self, n_tokens: int, dim: int, n_targets: int, hidden: int = 256):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(n_tokens * dim, hidden),
+                                       torch.nn.GELU(), torch.nn.Linear(hidden, n_targets))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens)
+
+
+def pretrain_vision(backend: Backend, renderer, minutes: float, max_steps: int, batch_size: int, seed: int = 0,
+                    progress: bool = True) -> pd.DataFrame:
+    """Train the vision tower (and projector) alone through a temporary dense head.
+
+    Targets are the base curriculum's (`tasks.dense_targets`: head and object boxes, object
+    colours, shapes, axes and count), never head pose. Masked smooth-L1 loss; AdamW with a short
+    warmup and a cosine over the time budget. Not checkpointed: an interrupted base run that has
+    no checkpoint yet repeats it.
+
+    Returns:
+        History rows `step`, `loss`, `lr`, `elapsed_s` (phase `vision`).
+    """
+    from tqdm.auto import tqdm
+
+    model = backend.model
+    colours = tasks.scene_colours()
+    probe = renderer.render(np.random.default_rng([seed, 7, 0]))
+    n_targets = len(tasks.dense_targets(probe, colours)[0])
+    dim = model.config.text_config.d_model
+    torch.manual_seed(seed)
+    head = DenseHead(backend.num_image_tokens, dim, n_targets).to(backend.device)
+    vision = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    opt = torch.optim.AdamW([{"params": vision}, {"params": head.parameters()}], lr=VISION_PRETRAIN_LR,
+                            weight_decay=0.01)
+    model.train()
+    rows, t0, step = [], time.time(), 0
+    budget = minutes * 60
+    bar = tqdm(total=max_steps, desc="vision pre-training", disable=not progress, dynamic_ncols=True)
+    while step < max_steps and time.time() - t0 < budget:
+        rng = np.random.default_rng([seed, 7, step + 1])
+        scenes = []
+        while len(scenes) < batch_size:
+            scene = renderer.render(rng)
+            scenes += [scene, tasks.mirror_scene(scene)]
+        scenes = scenes[:batch_size]
+        px = backend.image_processor.preprocess([s.image for s in scenes])["pixel_values"].to(backend.device)
+        tv = [tasks.dense_targets(s, colours) for s in scenes]
+        y = torch.from_numpy(np.stack([v for v, _ in tv])).to(backend.device)
+        m = torch.from_numpy(np.stack([w for _, w in tv])).to(backend.device)
+        frac = (time.time() - t0) / budget
+        lr = VISION_PRETRAIN_LR * min(1.0, (step + 1) / 20) * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        tokens = model.model.get_image_features(px).pooler_output
+        pred = head(tokens)
+        loss = (torch.nn.functional.smooth_l1_loss(pred, y, reduction="none", beta=0.05) * m).sum() / m.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vision + list(head.parameters()), 1.0)
+        opt.step()
+        opt.zero_grad()
+        step += 1
+        rows.append({"phase": "vision", "step": step, "loss": float(loss.detach()), "lr": lr,
+                     "elapsed_s": round(time.time() - t0, 2)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------ stages
+def make_renderer(config: Config, domain: str | None = None):
+    from hpelib.data.synth import SceneRenderer
+
+    return SceneRenderer(domain or config.data.train_domain, config.data.image_size)
+
+
+def base_key(config: Config, vision_pretrain: bool = True) -> str:
+    """Hash of what defines the base: model, base training, image size, training domain, seed,
+    curriculum and backend sizes. Changing anything else (LoRA, merges, test sets) reuses it."""
+    spec = {}
+    if config.model.backend == "tiny":
+        from hpelib.backends.tiny import TinySpec
+
+        spec = dataclasses.asdict(TinySpec())
+    payload = {"model": dataclasses.asdict(config.model), "base": dataclasses.asdict(config.base),
+               "image_size": config.data.image_size, "domain": config.data.train_domain, "seed": config.seed,
+               "mix": tasks.BASE_MIX, "spec": spec, "version": BASE_VERSION, "vision_pretrain": vision_pretrain}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def base_cache_dir(config: Config, vision_pretrain: bool = True) -> Path:
+    """`paths.cache_dir()/base-<base_key>`: where the base of `config` is trained and kept."""
+    return paths.cache_dir() / f"base-{base_key(config, vision_pretrain)}"
+
+
+def base_eval_set(config: Config, n: int | None = None) -> list[Sample]:
+    """Held-out grounding samples (heads and objects) of the training domain."""
+    return tasks.eval_set(make_renderer(config), BASE_EVAL_TASKS, n or config.base.eval_samples, seed=config.seed,
+                          decimals=config.angle_decimals)
+
+
+def lora_eval_set(config: Config, n: int | None = None) -> list[Sample]:
+    """Held-out head-pose and grounding samples of the training domain."""
+    return tasks.eval_set(make_renderer(config), LORA_EVAL_TASKS, n or config.lora.train.eval_samples,
+                          seed=config.seed, decimals=config.angle_decimals)
+
+
+def train_base(config: Config, out_dir: str | os.PathLike | None = None, force: bool = False,
+               progress: bool = True, vision_pretrain: bool = True) -> tuple[Backend, pd.DataFrame]:
+    """The base VLM of `config`: trained once (all weights, the base curriculum), then cached.
+
+    For the tiny backend this is grounding from scratch plus the general visual tasks of
+    `tasks.BASE_MIX` (never head pose). For a pretrained hub backend nothing is trained: the
+    model is loaded and returned with an empty history (the notebook only measures it).
+
+    Args:
+        config: the run's configuration (`model`, `base`, `data.image_size`, ...).
+        out_dir: the run's base folder; gets `base.json` (the cache path and the final metrics),
+            `history.csv` and `loss.png`.
+        force: retrain even if the cache holds a finished base.
+        vision_pretrain: spend `VISION_PRETRAIN_FRACTION` of the budget on `pretrain_vision`
+            first (tiny backend).
+
+    Returns:
+        `(backend, history)`: the trained backend (in eval mode) and the training history.
+    """
+    cls = get_backend_class(config.model.backend)
+    if config.model.backend != "tiny":
+        return cls.build(config), pd.DataFrame()
+    cache = base_cache_dir(config, vision_pretrain)
+    work = cache / "training"
+    if force and cache.exists():
+        shutil.rmtree(cache)
+    if not (cache / DONE).exists():
+        backend = cls.build(config)  # a resumed run overwrites these weights from its checkpoint
+        renderer = make_renderer(config)
+        lm_train = config.base
+        if vision_pretrain and latest_checkpoint(work) is None:
+            f = VISION_PRETRAIN_FRACTION
+            vision = pretrain_vision(backend, renderer, config.base.minutes * f,
+                                     max(1, int(config.base.max_steps * f)), config.base.batch_size,
+                                     seed=config.seed, progress=progress)
+            work.mkdir(parents=True, exist_ok=True)
+            io.write_text(work / "vision_history.csv", vision.to_csv(index=False))
+            lm_train = dataclasses.replace(config.base, minutes=config.base.minutes * (1 - f),
+                                           max_steps=max(1, config.base.max_steps - len(vision)))
+        elif vision_pretrain and (work / "vision_history.csv").exists():
+            f = VISION_PRETRAIN_FRACTION
+            lm_train = dataclasses.replace(config.base, minutes=config.base.minutes * (1 - f))
+        stream = tasks.SampleStream(renderer, tasks.BASE_MIX, config.base.batch_size,
+                                    seed=config.seed, decimals=config.angle_decimals)
+        history = fit(backend, stream, base_eval_set(config), lm_train, work, desc="base", progress=progress)
+        backend.save(cache / "model")
+        final = {k: v for k, v in history.iloc[-1].items() if isinstance(v, (int, float)) and np.isfinite(v)}
+        io.write_json(cache / DONE, {"key": base_key(config), "steps": int(history["step"].iloc[-1]),
+                                     "minutes": float(history["elapsed_s"].iloc[-1]) / 60, "final": final})
+    backend = cls.load(cache / "model", device=str(resolve_device(config)))
+    history = pd.read_csv(work / HISTORY_CSV)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        io.write_json(out / "base.json", {"path": str(cache / "model"), **io.read_json(cache / DONE)})
+        for name in (HISTORY_CSV, LOSS_PNG):
+            if (work / name).exists():
+                shutil.copyfile(work / name, out / name)
+    return backend, history
+
+
+def resolve_device(config: Config) -> torch.device:
+    if config.model.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.model.device)
+
+
+def base_model_dir(config: Config, vision_pretrain: bool = True) -> Path:
+    """The saved base model of `config` (after `train_base`)."""
+    return base_cache_dir(config, vision_pretrain) / "model"
+
+
+def lora_config(config: Config, backend: Backend):
+    """PEFT `LoraConfig` from the `lora` section and the backend's target patterns."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                      target_modules=backend.lora_target_modules(config.lora.target_language,
+                                                                 config.lora.target_vision),
+                      bias="none")
+
+
+def train_lora(config: Config, base_dir: str | os.PathLike, adapter_name: str, rehearsal_ratio: float,
+               out_dir: str | os.PathLike, progress: bool = True, stop_after_steps: int | None = None):
+    """Fine-tune a LoRA adapter on head pose, with `rehearsal_ratio` of grounding samples per batch.
+
+    Args:
+        config: the run's configuration (`lora` section: rank, alpha, dropout, targets, `train`).
+        base_dir: the saved base model (`base_model_dir(config)` or a hub backend's folder).
+        adapter_name: the adapter's name (`hpe`, `hpe_rehearsal`).
+        rehearsal_ratio: fraction of grounding samples in each batch, in [0, 1).
+        out_dir: the adapter folder: PEFT's `adapter_config.json` + `adapter_model.safetensors`
+            at the end; checkpoints, `history.csv`, `loss.png` and `metrics.json` beside them.
+        stop_after_steps: stop after this many steps in this call (tests of resuming).
+
+    Returns:
+        `(backend, history)`: the backend whose `model` is the `PeftModel` with the adapter
+        active, and the training history.
+    """
+    from peft import get_peft_model
+
+    out = Path(out_dir)
+    cls = get_backend_class(config.model.backend)
+    backend = cls.load(base_dir, device=str(resolve_device(config)))
+    torch.manual_seed(config.lora.train.seed)
+    backend.model = get_peft_model(backend.model, lora_config(config, backend), adapter_name=adapter_name)
+    stream = tasks.SampleStream(make_renderer(config), tasks.lora_mix(rehearsal_ratio), config.lora.train.batch_size,
+                                seed=config.lora.train.seed + 1, decimals=config.angle_decimals)
+    history = fit(backend, stream, lora_eval_set(config), config.lora.train, out / "training",
+                  desc=f"lora {adapter_name}", progress=progress, stop_after_steps=stop_after_steps)
+    if history.attrs.get("finished") and len(history):
+        save_adapter(backend.model, adapter_name, out)
+        final = {k: v for k, v in history.iloc[-1].items() if isinstance(v, (int, float)) and np.isfinite(v)}
+        io.write_json(out / "metrics.json", {"adapter": adapter_name, "rehearsal_ratio": rehearsal_ratio,
+                                             "steps": int(history["step"].iloc[-1]),
+                                             "minutes": float(history["elapsed_s"].iloc[-1]) / 60, **final})
+        for name in (HISTORY_CSV, LOSS_PNG):
+            if (out / "training" / name).exists():
+                shutil.copyfile(out / "training" / name, out / name)
+    backend.model.eval()
+    return backend, history
+
+
+def train_lora_adapters(config: Config, adapters_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None,
+                        progress: bool = True) -> pd.DataFrame:
+    """Train every adapter of `config.lora.adapters` (name -> rehearsal ratio) on the same base.
+
+    Each goes to `adapters_dir/<name>/` (PEFT format plus `metrics.json`, `history.csv`,
+    `loss.png`); a finished adapter (its `metrics.json` exists) is not retrained.
+
+    Returns:
+        One row per adapter: `adapter`, `rehearsal_ratio`, `steps`, `minutes` and the final
+        held-out metrics (`hpe/mae_mean`, `hpe/valid_rate`, `box_head/acc50`, ...).
+    """
+    base_dir = Path(base_dir) if base_dir is not None else base_model_dir(config)
+    rows = []
+    for name, ratio in config.lora.adapters.items():
+        out = Path(adapters_dir) / name
+        if not (out / "metrics.json").exists():
+            train_lora(config, base_dir, name, ratio, out, progress=progress)
+        rows.append(io.read_json(out / "metrics.json"))
+    return pd.DataFrame(rows)
+
+
+def save_adapter(peft_model, adapter_name: str, out_dir: str | os.PathLike) -> Path:
+    """Write the adapter in PEFT's format straight into `out_dir` (PEFT itself would nest a
+    non-default adapter in a subfolder named after it)."""
+    out = Path(out_dir)
+    tmp = out.parent / f".{out.name}.adapter.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
+    src = tmp / adapter_name if (tmp / adapter_name).is_dir() else tmp
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            os.replace(f, out / f.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------ notebook stages
+def load_base(config: Config) -> Backend:
+    """The run's base backend, in eval mode: the cached tiny base (after `train_base`), or a hub
+    backend built from `config.model` (its own loading rules: trust_remote_code, 4-bit, ...)."""
+    cls = get_backend_class(config.model.backend)
+    if config.model.backend != "tiny":
+        backend = cls.build(config)
+    else:
+        folder = base_model_dir(config)
+        if not (base_cache_dir(config) / DONE).exists():
+            raise FileNotFoundError(f"{folder}: no trained base for this configuration (key {base_key(config)}); "
+                                    f"run notebooks/01_train_base first")
+        backend = cls.load(folder, device=str(resolve_device(config)))
+    backend.model.eval()
+    return backend
+
+
+def adapter_dirs(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """`{name: folder}` of the run's finished LoRA adapters (`adapters/<name>/`, PEFT format)."""
+    root = Path(run_dir) / paths.ADAPTERS_DIR
+    found = {d.name: d for d in sorted(root.iterdir()) if (d / "adapter_model.safetensors").is_file()} \
+        if root.is_dir() else {}
+    if not found:
+        raise FileNotFoundError(f"{root}: no trained adapters; run notebooks/02_train_lora first")
+    return found
+
+
+def middle(values: Sequence[float]) -> float:
+    """The middle value of a grid (e.g. the threshold a heatmap outlines by default)."""
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def train_adapters(config: Config, run_dir: str | os.PathLike, progress: bool = True
+                   ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Train every adapter of `config.lora.adapters` on the run's base, into `adapters/<name>/`.
+
+    An adapter whose folder already holds a finished adapter trained with the same settings is
+    reused; an interrupted one resumes from its checkpoint.
+
+    Returns:
+        `(summary, histories)`: one row per adapter (rehearsal ratio, steps, minutes, final
+        held-out metrics), and each adapter's training history.
+    """
+    base_dir = base_model_dir(config) if config.model.backend == "tiny" else Path(config.model.model_id)
+    rows, histories = [], {}
+    for name, ratio in config.lora.adapters.items():
+        out = Path(run_dir) / paths.ADAPTERS_DIR / name
+        _, history = train_lora(config, base_dir, name, ratio, out, progress=progress)
+        histories[name] = history
+        rows.append(io.read_json(out / "metrics.json"))
+    return pd.DataFrame(rows), histories
+
+
+def plot_histories(histories: dict[str, pd.DataFrame]):
+    """Loss curves of several trainings in one figure, one colour each."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, h in histories.items():
+        if len(h):
+            ax.plot(h["step"], h["loss"].rolling(10, min_periods=1).mean(), label=name)
+    ax.set(xlabel="step", ylabel="training loss (10-step mean)", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def stage_metrics(stage: str, history: pd.DataFrame) -> dict[str, float]:
+    """Flat metrics of a training stage: `train/<stage>/steps`, `.../minutes` and the final
+    held-out numbers as `train/<stage>/final/<metric>` (kept out of the variants x domains tables)."""
+    prefix = f"train/{stage}"
+    if not len(history):
+        return {f"{prefix}/steps": 0}
+    last = history.iloc[-1]
+    out = {f"{prefix}/steps": int(last["step"]), f"{prefix}/minutes": float(last["elapsed_s"]) / 60}
+    for k, v in history.ffill().iloc[-1].items():
+        if k not in ("step", "elapsed_s", "lr") and isinstance(v, (int, float, np.floating)) and np.isfinite(v):
+            out[f"{prefix}/final/{k}"] = float(v)
+    return out
+
+
+def adapter_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """Flat metrics of the LoRA stage, per adapter: `train/lora:<name>/steps`, `.../minutes`,
+    `train/lora:<name>/final/<metric>`."""
+    out = {}
+    for row in summary.to_dict("records"):
+        prefix = f"train/lora:{row.pop('adapter')}"
+        for k, v in row.items():
+            if isinstance(v, (int, float, np.floating)) and not isinstance(v, bool) and np.isfinite(v):
+                key = k if k in ("steps", "minutes", "rehearsal_ratio") else f"final/{k}"
+                out[f"{prefix}/{key}"] = float(v)
+    return out
+
+
+# ------------------------------------------------------------------------------------ CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m hpelib.train {base,lora} --profile smoke --out DIR [...]` (also under
+    `accelerate launch`)."""
+    p = argparse.ArgumentParser(prog="python -m hpelib.train", description=__doc__.split("\n")[0])
+    p.add_argument("stage", choices=["base", "lora"])
+    p.add_argument("--profile", default="default")
+    p.add_argument("--out", required=True, help="output folder (LoRA: the adapter folder)")
+    p.add_argument("--base-dir", help="LoRA: the saved base model")
+    p.add_argument("--adapter", default="hpe_rehearsal")
+    p.add_argument("--rehearsal", type=float, default=0.2)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, JSON values")
+    args = p.parse_args(argv)
+    overrides = {}
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        try:
+            overrides[k] = json.loads(v)
+        except json.JSONDecodeError:
+            overrides[k] = v
+    config = make_config(args.profile, overrides)
+    if args.stage == "base":
+        _, history = train_base(config, args.out)
+    else:
+        if not args.base_dir:
+            p.error("lora needs --base-dir")
+        _, history = train_lora(config, args.base_dir, args.adapter, args.rehearsal, args.out)
+    print(history.tail(3).to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""The embedded tiny VLM: tokenizer, build, a few training steps, save/load, generate, LoRA targets.
+
+Models here are micro-sized (`MICRO`: two DaViT stages, a 1+1-layer BART of width 32) and images
+random, so the file runs in seconds without a renderer.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from hpelib import prompts
+from hpelib.backends import Sample, get_backend_class
+from hpelib.backends.tiny import (EOS_ID, IMAGE_ID, TinyBackend, TinyImageProcessor, TinySpec, build_tokenizer,
+                                  describe)
+from hpelib.config import make_config
+from hpelib.data import tasks
+
+MICRO = TinySpec(embed_dim=[8, 16], depths=[1, 1], window_size=4, d_model=32, encoder_layers=1, decoder_layers=1,
+                 attention_heads=2, ffn_dim=64)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return make_config("smoke")  # 64 px images
+
+
+@pytest.fixture
+def backend(config):
+    return TinyBackend.build(config, spec=MICRO, seed=0)
+
+
+def random_samples(n: int, size: int = 64, seed: int = 0) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        x0, y0 = rng.uniform(0, 0.5, 2)
+        box = (x0, y0, x0 + 0.4, y0 + 0.4)
+        if i % 2:
+            out.append(Sample(img, prompts.HPE_PROMPT, prompts.format_hpe(box, *rng.uniform(-90, 90, 3)), "hpe"))
+        else:
+            out.append(Sample(img, prompts.grounding_prompt("red cube"), prompts.format_box(box), "box"))
+    return out
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+def test_tokenizer_round_trips_answers_with_numbers_as_single_tokens():
+    tok = build_tokenizer(tasks.corpus())
+    answers = ["[[086,540,400,760]] yaw:-12 pitch:5 roll:0", "[[000,000,999,999]] yaw:-180 pitch:180 roll:-0.5",
+               "[[012,345,678,901]]", "tilt:-35 depth:20", "3", "red"]
+    for a in answers:
+        ids = tok(a, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == a
+        assert tok.unk_token_id not in ids
+    pieces = tok.convert_ids_to_tokens(tok(answers[0], add_special_tokens=False)["input_ids"])
+    assert pieces == ["[[", "086", ",", "540", ",", "400", ",", "760", "]]", " yaw:", "-12", " pitch:", "5",
+                      " roll:", "0"]
+
+
+def test_tokenizer_covers_every_prompt():
+    tok = build_tokenizer(tasks.corpus())
+    for text in tasks.corpus():
+        assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_image_processor_resizes_and_normalises():
+    proc = TinyImageProcessor(size=32)
+    img = np.full((64, 48, 3), 255, np.uint8)
+    px = proc.preprocess([img, img])["pixel_values"]
+    assert px.shape == (2, 3, 32, 32)
+    assert torch.allclose(px, torch.full_like(px, 2.0))  # (1 - 0.5) / 0.25
+
+
+# ------------------------------------------------------------------------------------ model
+def test_registry_builds_a_real_transformers_model(backend):
+    assert get_backend_class("tiny") is TinyBackend
+    assert type(backend.model).__name__ == "Florence2ForConditionalGeneration"
+    info = describe(backend)
+    assert info["image_tokens"] == (64 // 8) ** 2 + 1  # two stages: stride 4 * 2
+
+
+def test_encode_puts_the_loss_on_answer_tokens_only(backend):
+    s = random_samples(2)[1]
+    enc = backend.encode(s)
+    n_img = backend.num_image_tokens
+    assert enc["input_ids"][:n_img].eq(IMAGE_ID).all()
+    answer_ids = backend.tokenizer(s.answer, add_special_tokens=False)["input_ids"]
+    assert enc["labels"].tolist() == answer_ids + [EOS_ID]
+    batch = backend.collate([backend.encode(x) for x in random_samples(3)])
+    assert batch["pixel_values"].shape == (3, 3, 64, 64)
+    assert batch["attention_mask"].sum(1).tolist() == [len(backend.encode(x)["input_ids"]) for x in random_samples(3)]
+    assert (batch["labels"] == -100).any()  # padded labels are ignored
+
+
+def test_a_few_steps_lower_the_loss(backend):
+    batch = backend.collate([backend.encode(s) for s in random_samples(4)])
+    opt = torch.optim.AdamW(backend.model.parameters(), lr=5e-3)
+    backend.model.train()
+    losses = []
+    for _ in range(15):
+        loss = backend.model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_save_and_load_give_the_same_logits(backend, tmp_path):
+    batch = backend.collate([backend.encode(s) for s in random_samples(3)])
+    backend.model.eval()
+    with torch.no_grad():
+        before = backend.model(**batch).logits
+    path = backend.save(tmp_path / "tiny")
+    assert (path / "model.safetensors").exists()
+    assert not list(path.glob("*.bin"))
+    loaded = TinyBackend.load(path)
+    with torch.no_grad():
+        after = loaded.model(**batch).logits
+    torch.testing.assert_close(before, after)
+    assert loaded.tokenizer.get_vocab() == backend.tokenizer.get_vocab()
+    assert loaded.spec == backend.spec
+
+
+def test_generate_returns_answers_the_parser_reads(backend):
+    samples = random_samples(3)
+    answers = backend.generate(samples, max_new_tokens=12)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    for a, s in zip(answers, samples):
+        assert prompts.parse_response(a, task=s.task).kind in prompts.KINDS
+
+
+def test_generate_reproduces_a_memorised_answer(backend):
+    """After overfitting one sample, greedy decoding (KV cache on) writes it exactly."""
+    s = random_samples(2)[1]
+    batch = backend.collate([backend.encode(s)])
+    opt = torch.optim.AdamW(backend.model.parameters(), lr=5e-3)
+    backend.model.train()
+    for _ in range(60):
+        backend.model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert backend.generate([s], max_new_tokens=24) == [s.answer]
+
+
+def test_lora_targets_language_and_vision_linears(backend):
+    from peft import LoraConfig, get_peft_model
+
+    names = [n for n, m in backend.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    lang = re.compile(backend.lora_target_modules(language=True, vision=False))
+    vis = re.compile(backend.lora_target_modules(language=False, vision=True))
+    lang_hits = [n for n in names if lang.fullmatch(n)]
+    vis_hits = [n for n in names if vis.fullmatch(n)]
+    assert lang_hits and all("language_model" in n for n in lang_hits)
+    assert vis_hits and all("vision_tower" in n or "multi_modal_projector" in n for n in vis_hits)
+    assert "lm_head" not in lang_hits + vis_hits
+    with pytest.raises(ValueError):
+        backend.lora_target_modules(language=False, vision=False)
+    peft_model = get_peft_model(backend.model, LoraConfig(r=2, lora_alpha=4,
+                                                          target_modules=backend.lora_target_modules()))
+    wrapped = {n.split(".lora_A")[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n}
+    assert len(wrapped) == len(lang_hits) + len(vis_hits)

@@ -1,0 +1,220 @@
+"""Tasks, the task mixer, the LR schedule, the training loop (resuming after an interrupt), the
+stage entry points, and data-parallel LoRA training under `accelerate launch`.
+
+Fast tests use a micro tiny backend and a stand-in renderer (random images, fixed labels), so
+they need no OpenGL; the end-to-end ones render real scenes and are marked slow.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hpelib import prompts, train
+from hpelib.backends.tiny import TinyBackend, TinySpec
+from hpelib.config import make_config
+from hpelib.data import tasks
+
+MICRO = TinySpec(embed_dim=[8, 16], depths=[1, 1], window_size=4, d_model=32, encoder_layers=1, decoder_layers=1,
+                 attention_heads=2, ffn_dim=64)
+
+
+class FakeRenderer:
+    """Stands in for `synth.SceneRenderer`: a random image, a head and two objects, from `rng`."""
+
+    def __init__(self, image_size: int = 64):
+        self.image_size = image_size
+
+    def render(self, rng: np.random.Generator):
+        x, y = rng.uniform(0.05, 0.5, 2)
+        axis = rng.normal(size=3)
+        return SimpleNamespace(
+            image=rng.integers(0, 256, (self.image_size, self.image_size, 3), dtype=np.uint8),
+            box=(x, y, x + 0.4, y + 0.45), yaw=float(rng.uniform(-90, 90)), pitch=float(rng.uniform(-40, 40)),
+            roll=float(rng.uniform(-30, 30)), meta={"domain": "fake"},
+            objects=[{"name": "red cube", "shape": "cube", "color": "red", "box": [0.6, 0.6, 0.8, 0.8],
+                      "axis": list(axis / np.linalg.norm(axis))},
+                     {"name": "blue cone", "shape": "cone", "color": "blue", "box": [0.1, 0.7, 0.2, 0.9],
+                      "axis": [0.0, 1.0, 0.0]}])
+
+
+# ------------------------------------------------------------------------------------ tasks
+def test_allocate_splits_a_batch_by_weight():
+    assert tasks.allocate({"hpe": 0.8, "box": 0.2}, 32) == {"hpe": 26, "box": 6}
+    assert tasks.allocate({"hpe": 1.0, "box": 0.0}, 5) == {"hpe": 5}
+    counts = tasks.allocate({"box": 0.6, "orient": 0.2, "colour": 0.1, "count": 0.1}, 16)
+    assert sum(counts.values()) == 16
+
+
+def test_task_mix_validates():
+    with pytest.raises(ValueError, match="unknown task"):
+        tasks.TaskMix({"pose": 1.0})
+    with pytest.raises(ValueError, match="all be 0"):
+        tasks.TaskMix({"hpe": 0.0})
+    with pytest.raises(ValueError, match="rehearsal_ratio"):
+        tasks.lora_mix(1.0)
+    assert tasks.lora_mix(0.0) == {"hpe": 1.0}
+
+
+def test_stream_is_deterministic_and_follows_the_mix():
+    stream = tasks.SampleStream(FakeRenderer(), tasks.lora_mix(0.25), batch_size=8, seed=3)
+    a, b = stream.batch(5), stream.batch(5)
+    assert [s.answer for s in a] == [s.answer for s in b]
+    assert all((x.image == y.image).all() for x, y in zip(a, b))
+    assert sorted(s.task for s in a) == ["box"] * 2 + ["hpe"] * 6
+    assert [s.answer for s in stream.batch(6)] != [s.answer for s in a]
+    assert [s.answer for s in stream.batch(5, part=1)] != [s.answer for s in a]
+    for s in a:
+        parsed = prompts.parse_response(s.answer, task=s.task)
+        assert parsed.kind == s.task
+
+
+def test_eval_set_is_fixed_and_disjoint_from_training():
+    r = FakeRenderer()
+    e1 = tasks.eval_set(r, ["hpe", "box_head"], n=4, seed=0)
+    e2 = tasks.eval_set(r, ["hpe", "box_head"], n=4, seed=0)
+    assert [s.answer for s in e1] == [s.answer for s in e2]
+    train_answers = {s.answer for step in range(20) for s in tasks.SampleStream(r, {"hpe": 1}, 8).batch(step)}
+    assert not train_answers & {s.answer for s in e1 if s.task == "hpe"}
+
+
+def test_mirror_flips_yaw_roll_and_boxes():
+    scene = FakeRenderer().render(np.random.default_rng(0))
+    m = tasks.mirror_scene(scene)
+    assert m.yaw == pytest.approx(-scene.yaw) and m.roll == pytest.approx(-scene.roll) and m.pitch == scene.pitch
+    assert m.box[0] == pytest.approx(1 - scene.box[2]) and m.box[1] == scene.box[1]
+    assert (m.image == scene.image[:, ::-1]).all()
+    t0, d0 = tasks.axis_angles(scene.objects[0]["axis"])
+    t1, d1 = tasks.axis_angles(m.objects[0]["axis"])
+    assert d0 == d1 and (t0 == -t1 or abs(t0) == 90)
+
+
+def test_base_curriculum_has_no_head_pose():
+    stream = tasks.SampleStream(FakeRenderer(), tasks.BASE_MIX, batch_size=16)
+    for s in stream.batch(0):
+        assert s.task != "hpe" and "yaw" not in (s.answer or "")
+    assert "hpe" not in tasks.BASE_MIX
+
+
+def test_axis_angles():
+    assert tasks.axis_angles([0, 1, 0]) == (0, 0)
+    assert tasks.axis_angles([0, -1, 0]) == (0, 0)  # a line: the sign does not matter
+    assert tasks.axis_angles([0, 0, 1])[1] == 90
+    tilt, _ = tasks.axis_angles([-math.sin(0.5), math.cos(0.5), 0])
+    assert tilt == round(math.degrees(0.5))
+
+
+# ------------------------------------------------------------------------------------ schedule and scoring
+def test_lr_factor_warms_up_then_decays():
+    f = [train.lr_factor(s, 10, 100) for s in range(100)]
+    assert f[0] < f[5] < f[9] <= 1.0
+    assert f[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[-1] == pytest.approx(train.MIN_LR_FRACTION, abs=1e-3)
+    assert train.lr_factor(50, 10, None) == 1.0  # length not fixed yet
+
+
+def test_score_answers_counts_invalid_as_misses():
+    r = FakeRenderer()
+    samples = tasks.eval_set(r, ["hpe", "box_head"], n=2)
+    assert [s.task for s in samples] == ["box", "box", "hpe", "hpe"]  # box_head samples are "box" prompts
+    answers = [samples[0].answer, "[[000,000,001,001]]", samples[2].answer, "nonsense"]
+    table = train.score_answers(samples, answers)
+    m = train.summarize(table)
+    assert m["box_head/valid_rate"] == 1.0 and m["box_head/acc50"] == 0.5  # a valid box can miss
+    assert m["hpe/valid_rate"] == 0.5 and m["hpe/mae_mean"] < 0.6  # rounding to integers only
+    assert m["valid_rate"] == 0.75
+
+
+# ------------------------------------------------------------------------------------ the loop
+def _fit(out_dir, max_steps, stop_after_steps=None):
+    config = make_config("smoke")
+    backend = TinyBackend.build(config, spec=MICRO, seed=0)
+    stream = tasks.SampleStream(FakeRenderer(), {"hpe": 0.5, "box": 0.5}, batch_size=4, seed=0)
+    tc = make_config("smoke", {"base.max_steps": max_steps, "base.minutes": 30.0, "base.eval_every": 3,
+                               "base.checkpoint_every": 2, "base.warmup_steps": 2, "base.grad_accum": 2}).base
+    evals = tasks.eval_set(FakeRenderer(), ["hpe"], n=2)
+    history = train.fit(backend, stream, evals, tc, out_dir, progress=False, stop_after_steps=stop_after_steps)
+    return backend, history
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    full, h_full = _fit(tmp_path / "full", max_steps=5)
+    _, h_part = _fit(tmp_path / "resumed", max_steps=5, stop_after_steps=3)
+    assert not h_part.attrs["finished"] and len(h_part) == 3
+    # checkpoints every 2 steps: the "interrupt" after step 3 loses step 3, which is redone
+    assert train.latest_checkpoint(tmp_path / "resumed").name == "checkpoint-0000002"
+    resumed, h_res = _fit(tmp_path / "resumed", max_steps=5)
+    assert h_res["step"].tolist() == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(h_res["lr"], h_full["lr"])
+    np.testing.assert_allclose(h_res["loss"], h_full["loss"], rtol=1e-5)
+    for (n, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+    out = tmp_path / "resumed"
+    assert (out / train.HISTORY_CSV).exists() and (out / train.LOSS_PNG).exists()
+    assert "hpe/valid_rate" in pd.read_csv(out / train.HISTORY_CSV).columns
+    assert len(list(out.glob(f"{train.CHECKPOINT_PREFIX}*"))) == 1  # older checkpoints pruned
+    assert not list(out.glob(".*tmp"))
+
+
+def test_lora_stage_saves_a_peft_adapter(tmp_path, monkeypatch):
+    config = make_config("smoke", {"lora.train.max_steps": 2, "lora.train.eval_every": 2,
+                                   "lora.train.eval_samples": 2})
+    base = TinyBackend.build(config, spec=MICRO, seed=0)
+    base.save(tmp_path / "base")
+    monkeypatch.setattr(train, "make_renderer", lambda config, domain=None: FakeRenderer())
+    backend, history = train.train_lora(config, tmp_path / "base", "hpe_rehearsal", 0.25, tmp_path / "adapter",
+                                        progress=False)
+    out = tmp_path / "adapter"
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert history["step"].tolist() == [1, 2]
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(TinyBackend.load(tmp_path / "base").model, out)
+    n_lora = sum(1 for n, _ in reloaded.named_parameters() if "lora_" in n)
+    assert n_lora == sum(1 for n, _ in backend.model.named_parameters() if "lora_" in n) > 0
+    # only LoRA weights were trained
+    trainable = [n for n, p in backend.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+# ------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_smoke_profile_trains_base_and_lora(tmp_path, monkeypatch):
+    """The whole training path on real renders with the smoke profile (the CI budget)."""
+    monkeypatch.setenv("HPE_DATA_DIR", str(tmp_path / "data"))
+    config = make_config("smoke")
+    backend, history = train.train_base(config, tmp_path / "run" / "base", progress=False)
+    assert (tmp_path / "run" / "base" / "base.json").exists()
+    again, _ = train.train_base(config, progress=False)  # cached: loads, does not train
+    torch.testing.assert_close(next(iter(again.model.parameters())), next(iter(backend.model.parameters())))
+    _, lh = train.train_lora(config, train.base_model_dir(config), "hpe", 0.0, tmp_path / "run" / "adapters" / "hpe",
+                             progress=False)
+    assert (tmp_path / "run" / "adapters" / "hpe" / "adapter_model.safetensors").exists()
+    assert "hpe/valid_rate" in lh.columns
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_two_processes_of_lora(tmp_path):
+    config = make_config("smoke")
+    TinyBackend.build(config, spec=MICRO, seed=0).save(tmp_path / "base")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--num_processes", "2", "--cpu", "-m", "hpelib.train", "lora",
+           "--profile", "smoke", "--base-dir", str(tmp_path / "base"), "--out", str(tmp_path / "adapter"),
+           "--rehearsal", "0.25", "--set", "lora.train.max_steps=2", "lora.train.eval_every=2",
+           "lora.train.eval_samples=2"]
+    env = dict(os.environ, HPE_DATA_DIR=str(tmp_path / "data"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    history = pd.read_csv(tmp_path / "adapter" / "history.csv")
+    assert history["step"].tolist() == [1, 2]
