@@ -32,13 +32,7 @@ DENSE = {"task_arithmetic": dict(lam=0.7), "ties": dict(density=0.3), "dare_line
          "dare_ties": dict(density=0.5, seed=3)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one torch thread avoids thread hand-off costs on a shared CPU (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ from hpelib.widgets import similarity_explorer
 warnings.filterwarnings("ignore", message=".*[Aa]dapter name.*")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one torch thread avoids thread hand-off costs on a shared CPU (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -152,3 +152,27 @@ def pad(seqs: list[torch.Tensor], value: int | float, side: str = "right") -> to
         return torch.nn.utils.rnn.pad_sequence([s.flip(0) for s in seqs], batch_first=True,
                                                padding_value=value).flip(1)
     return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value)
+
+
+@torch.no_grad()
+def greedy_generate(backend, samples: list, max_new_tokens: int, image_key: str, eos_id: int) -> list[str]:
+    """Greedy answers of a decoder-only hub VLM (KV cache on), batched with left padding; the
+    prompt is cut off. `image_key` names the batch entry holding the pixels (cast to the model's
+    dtype); the model's training mode is restored afterwards."""
+    from hpelib.backends.base import Sample
+
+    if not samples:
+        return []
+    model = backend.model
+    was_training = model.training
+    model.eval()
+    batch = backend.collate([backend.encode(Sample(s.image, s.prompt, None, s.task)) for s in samples],
+                            padding_side="left")
+    batch = {k: v.to(backend.device) for k, v in batch.items()}
+    batch[image_key] = batch[image_key].to(backend.dtype)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                         use_cache=True, pad_token_id=backend.pad_id, eos_token_id=eos_id)
+    if was_training:
+        model.train()
+    new = out[:, batch["input_ids"].shape[1]:]
+    return [t.strip() for t in backend.tokenizer.batch_decode(new, skip_special_tokens=True)]

@@ -199,24 +199,9 @@ class Qwen2VLBackend(Backend):
             batch["labels"] = hub.pad(rows("labels"), -100, padding_side)
         return batch
 
-    @torch.no_grad()
     def generate(self, samples: list[Sample], max_new_tokens: int = 48) -> list[str]:
         """Greedy answers (KV cache on), batched with left padding; the prompt is cut off."""
-        if not samples:
-            return []
-        model = self.model
-        was_training = model.training
-        model.eval()
-        batch = self.collate([self.encode(Sample(s.image, s.prompt, None, s.task)) for s in samples],
-                             padding_side="left")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             use_cache=True, pad_token_id=self.pad_id, eos_token_id=self.end_id)
-        if was_training:
-            model.train()
-        new = out[:, batch["input_ids"].shape[1]:]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return hub.greedy_generate(self, samples, max_new_tokens, image_key="pixel_values", eos_id=self.end_id)
 
     # ---- LoRA -------------------------------------------------------------------------------
     def lora_target_modules(self, language: bool = True, vision: bool = False) -> str:
