@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,9 +355,6 @@ def write_history(out_dir: Path, history: list[dict]) -> None:
 
 def plot_history(history: pd.DataFrame):
     """Loss per step (smoothed) and the held-out metrics at evaluation steps."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False) if not hasattr(sys, "ps1") else None
     import matplotlib.pyplot as plt
 
     metric_cols = [c for c in history.columns if c.endswith(("acc50", "mae_mean")) or c == "valid_rate"]
