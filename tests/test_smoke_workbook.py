@@ -84,3 +84,46 @@ def test_every_notebook_documents_its_parameters(nb):
 def test_notebooks_are_stored_without_outputs(nb):
     stored = nbformat.read(notebook_path(nb), as_version=4)
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in stored.cells if c.cell_type == "code")
+
+
+_FRESH_PROCESS = r"""
+import sys, torch
+from peft import PeftModel
+from hpelib import train
+from hpelib.config import make_config
+base = train.load_base(make_config("smoke"))
+model = PeftModel.from_pretrained(base.model, sys.argv[1]).eval()
+batch = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(**batch).logits, sys.argv[3])
+"""
+
+
+def test_wta_adapter_of_04_merge_reloads_in_a_fresh_process_with_the_same_logits(smoke_run, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from hpelib import merge, prompts, train
+    from hpelib.backends.base import Sample
+    from hpelib.data import prepare
+    from hpelib.data.real import load_image
+
+    _, run = smoke_run  # the fixture points HPE_DATA_DIR at the run's data (and the subprocess inherits it)
+    cfg = make_config("smoke")
+    threshold = cfg.merge.wta_thresholds[0]
+    base = train.load_base(cfg)
+    in_memory = merge.merged_model(base.model, merge.merge_adapters(
+        base.model, "wta_cosine", train.adapter_dirs(run), threshold=threshold,
+        reference=cfg.merge.wta_reference, granularity=cfg.merge.wta_granularity))
+    row = prepare.load_datasets(run)["test"]["synth-aflw"].iloc[0]
+    batch = base.collate([base.encode(Sample(load_image(row["image"]), prompts.HPE_PROMPT, row["hpe_answer"]))])
+    torch.save(batch, tmp_path / "batch.pt")
+    with torch.no_grad():
+        expected = in_memory(**batch).logits
+        plain = base.model(**batch).logits
+    assert (expected - plain).abs().max() > 1e-4, "the merge changed nothing: the comparison would prove nothing"
+    subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(run / paths.MERGES_DIR / f"wta_cosine@{threshold:g}"),
+                    str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt")], check=True)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
