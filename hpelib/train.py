@@ -357,6 +357,12 @@ def plot_history(history: pd.DataFrame):
     """Loss per step (smoothed) and the held-out metrics at evaluation steps."""
     import matplotlib.pyplot as plt
 
+    if "step" not in history.columns or not len(history):  # a pretrained base: nothing was trained
+        fig, ax = plt.subplots(figsize=(5, 1))
+        ax.text(0.5, 0.5, "nothing trained (pretrained base)", ha="center", va="center")
+        ax.set_axis_off()
+        plt.close(fig)
+        return fig
     metric_cols = [c for c in history.columns if c.endswith(("acc50", "mae_mean")) or c == "valid_rate"]
     fig, axes = plt.subplots(1, 2 if metric_cols else 1, figsize=(10 if metric_cols else 5, 3.2), squeeze=False)
     ax = axes[0, 0]
@@ -622,27 +628,6 @@ def train_lora(config: Config, base_dir: str | os.PathLike, adapter_name: str, r
                 shutil.copyfile(out / "training" / name, out / name)
     backend.model.eval()
     return backend, history
-
-
-def train_lora_adapters(config: Config, adapters_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None,
-                        progress: bool = True) -> pd.DataFrame:
-    """Train every adapter of `config.lora.adapters` (name -> rehearsal ratio) on the same base.
-
-    Each goes to `adapters_dir/<name>/` (PEFT format plus `metrics.json`, `history.csv`,
-    `loss.png`); a finished adapter (its `metrics.json` exists) is not retrained.
-
-    Returns:
-        One row per adapter: `adapter`, `rehearsal_ratio`, `steps`, `minutes` and the final
-        held-out metrics (`hpe/mae_mean`, `hpe/valid_rate`, `box_head/acc50`, ...).
-    """
-    base_dir = Path(base_dir) if base_dir is not None else base_model_dir(config)
-    rows = []
-    for name, ratio in config.lora.adapters.items():
-        out = Path(adapters_dir) / name
-        if not (out / "metrics.json").exists():
-            train_lora(config, base_dir, name, ratio, out, progress=progress)
-        rows.append(io.read_json(out / "metrics.json"))
-    return pd.DataFrame(rows)
 
 
 def save_adapter(peft_model, adapter_name: str, out_dir: str | os.PathLike) -> Path:

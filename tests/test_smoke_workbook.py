@@ -127,3 +127,27 @@ def test_wta_adapter_of_04_merge_reloads_in_a_fresh_process_with_the_same_logits
     subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(run / paths.MERGES_DIR / f"wta_cosine@{threshold:g}"),
                     str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt")], check=True)
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_whole_workbook_runs_on_a_tiny_qwen2_vl_by_parameters_only(tmp_path, monkeypatch, head_assets):
+    """The hub path end to end: only model.backend / model.model_id change (a tiny random
+    Qwen2-VL saved like a hub checkpoint stands in for real weights, which cannot be downloaded)."""
+    import os
+
+    from hpelib import prompts
+    from hpelib.backends.qwen2_vl import write_tiny_checkpoint
+
+    monkeypatch.setenv("HPE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("HPE_RUNS_DIR", str(tmp_path / "runs"))
+    (tmp_path / "data" / "assets").mkdir(parents=True)
+    os.symlink(head_assets, tmp_path / "data" / "assets" / "menpo3d")
+    corpus = [prompts.HPE_PROMPT, prompts.grounding_prompt("head"),
+              "Where is the red green blue yellow purple orange white cyan cube sphere cone cylinder torus ?"]
+    model_dir = write_tiny_checkpoint(tmp_path / "tiny-qwen2-vl", corpus)
+    rc = main(["run", "--profile", "smoke", "--name", "qwen", "--no-progress",
+               "-p", "model.backend", "qwen2_vl", "-p", "model.model_id", str(model_dir)])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "runs" / "qwen" / paths.METRICS).read_text())
+    assert "wta_cosine@0.9999/synth-aflw/valid_rate" in metrics
+    assert (tmp_path / "runs" / "qwen" / paths.ADAPTERS_DIR / "hpe_rehearsal" / "adapter_model.safetensors").is_file()
