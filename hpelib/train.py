@@ -43,6 +43,7 @@ from hpelib import io, paths, prompts
 from hpelib.backends.base import Backend, Sample, get_backend_class
 from hpelib.config import Config, TrainConfig, make_config
 from hpelib.data import tasks
+from hpelib.evaluate import box_iou
 from hpelib.geometry import angle_difference
 
 MIN_LR_FRACTION = 0.05  # the cosine ends at 5 % of the peak learning rate, not 0
@@ -77,14 +78,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int | None) -> float:
 
 
 # ------------------------------------------------------------------------------------ scoring
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def score_answers(samples: Sequence[Sample], answers: Sequence[str]) -> pd.DataFrame:
     """One row per sample: `task`, `target_kind`, `answer`, `kind`, `valid`, `iou`, `err_yaw`,
     `err_pitch`, `err_roll` (wrap-aware absolute errors; NaN where the answer is not valid)."""
@@ -98,7 +91,7 @@ def score_answers(samples: Sequence[Sample], answers: Sequence[str]) -> pd.DataF
                "valid": r.kind == task if task else a.strip() == (s.answer or "").strip(),
                "iou": np.nan, "err_yaw": np.nan, "err_pitch": np.nan, "err_roll": np.nan}
         if task and row["valid"] and "box" in s.meta:
-            row["iou"] = _iou(r.box, s.meta["box"])
+            row["iou"] = float(box_iou([r.box], [s.meta["box"]])[0])
         if task == "hpe" and row["valid"]:
             for k in ("yaw", "pitch", "roll"):
                 row[f"err_{k}"] = float(abs(angle_difference(getattr(r, k), s.meta[k])))
