@@ -683,8 +683,8 @@ def test_samples(datasets: Mapping[str, Mapping[str, pd.DataFrame]], n: int, dec
 
 def run_variants(run_dir: str | os.PathLike) -> pd.DataFrame:
     """Every model variant a run produced, in evaluation order: `base`, `lora:<adapter>` for each
-    adapter folder under `adapters/`, and every merge under `merges/` (its folder name is its
-    variant name, e.g. `wta_cosine@0.9999`).
+    adapter folder under `adapters/`, and every merge the latest `04_merge` built (listed in
+    `merges/merge_summary.csv`; its folder name is its variant name, e.g. `wta_cosine@0.9999`).
 
     Returns:
         One row per variant: `variant`, `kind` (base / lora / merge), `path`.
@@ -699,6 +699,10 @@ def run_variants(run_dir: str | os.PathLike) -> pd.DataFrame:
             rows.append({"variant": f"lora:{d.name}", "kind": "lora", "path": str(d)})
     merges = run_dir / paths.MERGES_DIR
     names = [d.name for d in merges.iterdir() if (d / "merge_manifest.json").is_file()] if merges.is_dir() else []
+    summary = merges / "merge_summary.csv"
+    if summary.is_file():  # only the merges the latest 04_merge built, not older ones left in the folder
+        current = set(pd.read_csv(summary)["name"])
+        names = [n for n in names if n in current]
     for name in sorted(names, key=variant_sort_key):
         rows.append({"variant": name, "kind": "merge", "path": str(merges / name)})
     return pd.DataFrame(rows)

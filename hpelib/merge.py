@@ -719,7 +719,8 @@ def winner_summary(results: dict[str, MergeResult]) -> pd.DataFrame:
 
 def save_merges(results: dict[str, MergeResult], folder: str | os.PathLike) -> pd.DataFrame:
     """`save_merge` each result into `folder/<name>`, and `folder/merge_summary.csv`; returns the
-    `merge_summary` table with a `path` column. Folders of merges not in `results` are left alone."""
+    `merge_summary` table with a `path` column. Folders of merges not in `results` are left alone
+    (evaluation reads the summary, so it ignores them)."""
     folder = Path(folder)
     summary = merge_summary(results)
     summary["path"] = [str(save_merge(results[name], folder / name)) for name in summary["name"]]

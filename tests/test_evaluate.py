@@ -287,3 +287,19 @@ def test_save_and_load_table_round_trip(tmp_path):
     back = ev.load_table(path)
     assert back["answer"].tolist() == table["answer"].tolist()
     assert_allclose(back["err_yaw"].to_numpy(), table["err_yaw"].to_numpy())
+
+
+def test_run_variants_lists_base_adapters_and_only_the_latest_merges(tmp_path):
+    from hpelib.evaluate import run_variants
+
+    (tmp_path / "adapters" / "hpe").mkdir(parents=True)
+    (tmp_path / "adapters" / "hpe" / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapters" / "unfinished").mkdir()  # no adapter_config.json: not a variant
+    for name in ("wta_cosine@0.9999", "task_arithmetic@0.5", "ties@0.2"):
+        (tmp_path / "merges" / name).mkdir(parents=True)
+        (tmp_path / "merges" / name / "merge_manifest.json").write_text("{}")
+    # the latest 04_merge built two of the three; the third is left from an earlier setting
+    (tmp_path / "merges" / "merge_summary.csv").write_text("name\ntask_arithmetic@0.5\nwta_cosine@0.9999\n")
+    table = run_variants(tmp_path)
+    assert table["variant"].tolist() == ["base", "lora:hpe", "task_arithmetic@0.5", "wta_cosine@0.9999"]
+    assert table.set_index("variant").loc["lora:hpe", "kind"] == "lora"
