@@ -105,6 +105,17 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def training_summary(metrics: dict[str, Any], duration_s: float | None = None) -> str:
+    """One line saying how much each stage trained (`train/<stage>/steps` and `.../minutes`) and
+    how long the run took: a number read without it can hide a starved training."""
+    stages = dict.fromkeys(k.split("/")[1] for k in metrics if k.startswith("train/") and k.endswith("/steps"))
+    parts = [f"{stage} {int(metrics[f'train/{stage}/steps'])} steps"
+             + (f" in {metrics[f'train/{stage}/minutes']:.1f} min" if f"train/{stage}/minutes" in metrics else "")
+             for stage in stages]
+    total = f"; whole run {duration_s / 60:.0f} min" if duration_s else ""
+    return ("Training: " + ", ".join(parts) + total + ".\n") if parts else ""
+
+
 def _load_metrics(run_dir: Path) -> dict[str, Any]:
     path = run_dir / paths.METRICS
     if not path.exists():
@@ -148,7 +159,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
              "MAE in degrees over valid answers (wrap-aware); `valid`: share of answers in the head-pose "
              "format; `MAE_all`: invalid answers counted as misses at the run's penalty; Acc@0.5: IoU >= 0.5, "
              "invalid answers counted as misses. Samples with any |angle| > 99° are dropped (AFLW protocol).",
-             "", "## Results", "", results_markdown(run_dir, compact=False)]
+             "", training_summary(_load_metrics(run_dir)),
+             "## Results", "", results_markdown(run_dir, compact=False)]
     figs = _figures(run_dir)
     if figs:
         lines += ["## Figures", ""]
@@ -186,6 +198,7 @@ def readme_section(run_dir: str | os.PathLike) -> str:
             "MAE in degrees over valid answers; valid: share of answers in the head-pose format; "
             "grounding Acc@0.5 on grounding prompts. Full tables and figures: "
             f"`{_display(run_dir / paths.REPORT)}`.\n\n"
+            + training_summary(_load_metrics(run_dir), s["duration_s"]) + "\n"
             + results_markdown(run_dir, compact=True))
 
 

@@ -370,3 +370,14 @@ def test_update_readme_without_markers_fails_clearly(run_root, tmp_path, capsys)
     assert report.main(["readme", str(d), "--readme", str(readme)]) == 2
     assert "results:start" in capsys.readouterr().err
     assert readme.read_text() == "# HPE\nno markers\n"
+
+
+def test_training_summary_names_every_stage_steps_and_minutes():
+    from hpelib.report import training_summary
+
+    line = training_summary({"train/base/steps": 124, "train/base/minutes": 14.3,
+                             "train/lora:hpe/steps": 33, "train/lora:hpe/minutes": 7.5,
+                             "train/cnn6d@budget/steps": 900, "base/synth-aflw/mae_mean": 30.0}, 3000)
+    assert line == ("Training: base 124 steps in 14.3 min, lora:hpe 33 steps in 7.5 min, "
+                    "cnn6d@budget 900 steps; whole run 50 min.\n")
+    assert training_summary({"base/synth-aflw/mae_mean": 30.0}) == ""
