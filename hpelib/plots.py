@@ -337,32 +337,46 @@ def plot_merge_curves(metrics, domains=None, methods=("wta_cosine", "task_arithm
     """MAE of each merge method against its parameter (threshold, lambda), one panel per method,
     one line per domain; the valid-format rate on a second axis (dashed).
 
+    Thresholds are placed by `-log10(1 - threshold)` (0.999, 0.9999, ... equally spaced) and
+    labelled with their values.
+
     Args:
         metrics: flat `<variant>/<domain>/<metric>` metrics, variants named `method@param`.
     """
     from hpelib.evaluate import metric_curve, results_table
 
     if domains is None:
-        domains = list(results_table(metrics, columns=("mae_mean",)).columns.get_level_values(0).unique())
+        domains = list(results_table(metrics, columns=("valid_rate",)).columns.get_level_values(0).unique())
+
+    def position(method, values):
+        values = np.asarray(values, dtype=float)
+        return -np.log10(np.clip(1 - values, 1e-12, None)) if method == "wta_cosine" else values
+
     fig, axes = plt.subplots(1, len(methods), figsize=(5.2 * len(methods), 3.6), squeeze=False)
     for ax, method in zip(axes[0], methods):
         twin = ax.twinx()
+        params: set[float] = set()
+        any_mae = False
         for i, domain in enumerate(domains):
-            color = f"C{i}"
-            mae = metric_curve(metrics, method, domain, "mae_mean")
+            mae = metric_curve(metrics, method, domain, "mae_mean").dropna()
             valid = metric_curve(metrics, method, domain, "valid_rate")
+            params |= set(valid.index)
             if len(mae):
-                ax.plot(mae.index, mae.values, "o-", color=color, label=domain)
+                any_mae = True
+                ax.plot(position(method, mae.index), mae.values, "o-", color=f"C{i}", label=domain)
             if len(valid):
-                twin.plot(valid.index, valid.values, "s--", color=color, alpha=0.6)
-        xlabel = "threshold (1 - threshold on a log axis)" if method == "wta_cosine" else "lambda"
-        if method == "wta_cosine":
-            for a in (ax, twin):
-                a.set_xscale("function", functions=(lambda t: -np.log10(np.clip(1 - t, 1e-12, None)),
-                                                   lambda u: 1 - 10.0 ** (-u)))
-        ax.set(title=method, xlabel=xlabel, ylabel="mean MAE (deg), valid answers")
+                twin.plot(position(method, valid.index), valid.values, "s--", color=f"C{i}", alpha=0.6,
+                          label=None if len(mae) else domain)
+        ticks = sorted(params)
+        ax.set_xticks(position(method, ticks), [f"{t:g}" for t in ticks])
+        if not any_mae:
+            ax.text(0.5, 0.5, "no valid head-pose answers", transform=ax.transAxes, ha="center", color="grey")
+        ax.set(title=method, xlabel="threshold (log-spaced in 1 - threshold)" if method == "wta_cosine" else "lambda",
+               ylabel="mean MAE (deg), valid answers")
         twin.set(ylabel="valid-format rate (dashed)", ylim=(-0.02, 1.02))
-        ax.legend(fontsize=7, loc="upper left")
+        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        if handles:
+            ax.legend(handles=handles, fontsize=7, loc="upper left")
     fig.tight_layout()
     plt.close(fig)
     return fig
