@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpelib import paths, plots, prompts
+from hpelib import plots, prompts
 from hpelib.data import assets, render, synth
 from hpelib.geometry import euler_to_matrix
 

@@ -10,7 +10,6 @@ import matplotlib
 matplotlib.use("Agg")
 
 import pytest
-import torch
 
 from hpelib import bench, plots
 from hpelib.similarity import claim_table, similarity_tables, threshold_sweep
