@@ -10,6 +10,9 @@ STAMP  := $(VENV)/.installed
 NAME   ?= default
 PROFILE ?= default
 EGL_DEBS := libegl1 libegl-mesa0 libgl1-mesa-dri
+# OpenMP threads sleep instead of spinning while they wait: on 2 shared cores a spinning torch step
+# took 20-28 s against 2.4-3.4 s (docs/tiny_backend.md). Set it yourself to override.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: system-deps setup workbook smoke test test-slow lab readme bench clean-runs help
 

@@ -461,6 +461,8 @@ def train_cnn(train: pd.DataFrame | SampleSource, *, minutes: float = 20.0, max_
               config: CNNConfig = CNNConfig(), augment: AugmentConfig = AugmentConfig(),
               eval_expansion: str | None = None, eval_k: float | None = None,
               num_threads: int | None = None, name: str = "cnn6d",
+              snapshot_minutes: float | None = None, snapshot_steps: int | None = None,
+              snapshot_name: str | None = None,
               progress: bool = True) -> tuple[SixDRepNetLite, pd.DataFrame]:
     """Train the 6DRepNet-style CNN with the geodesic loss, within a time and step budget.
 
@@ -485,6 +487,15 @@ def train_cnn(train: pd.DataFrame | SampleSource, *, minutes: float = 20.0, max_
             `mae_mean` improving by `min_delta` degrees; None never stops early.
         config, augment: the network and the augmentation.
         num_threads: torch CPU threads during training (None leaves torch's setting).
+        snapshot_minutes, snapshot_steps, snapshot_name: also keep the model a shorter run would
+            have returned. When optimisation time first reaches `snapshot_minutes` (or the step
+            count `snapshot_steps`), the held-out-best weights so far, or the current ones if an
+            evaluation then scores them better by `min_delta`, are saved as
+            `<snapshot_name>.safetensors`. With a constant learning rate and the same seed, a
+            run with `minutes=snapshot_minutes` draws the same batches up to that point and
+            keeps the same weights, so one run yields both models (`cnn6d@budget` and
+            `cnn6d@converged`). Early stopping waits until the snapshot is taken. The snapshot's
+            `steps`, `train_seconds` and `best_step` are in `history.attrs["snapshot"]`.
 
     Returns:
         `(model, history)`: the model in eval mode holding the best held-out weights (the last
@@ -503,6 +514,14 @@ def train_cnn(train: pd.DataFrame | SampleSource, *, minutes: float = 20.0, max_
     _check(isinstance(name, str) and name and "/" not in name, "name", name, "a file name without '/'")
     _check(patience is None or (isinstance(patience, int) and patience > 0), "patience", patience,
            "None or a positive integer")
+    snapshotting = snapshot_minutes is not None or snapshot_steps is not None
+    if snapshotting:
+        _check(snapshot_minutes is None or (isinstance(snapshot_minutes, (int, float)) and snapshot_minutes > 0),
+               "snapshot_minutes", snapshot_minutes, "None or a positive number")
+        _check(snapshot_steps is None or (isinstance(snapshot_steps, int) and snapshot_steps > 0),
+               "snapshot_steps", snapshot_steps, "None or a positive integer")
+        _check(isinstance(snapshot_name, str) and snapshot_name and "/" not in snapshot_name and snapshot_name != name,
+               "snapshot_name", snapshot_name, f"a file name without '/' other than name={name!r}")
     old_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
@@ -557,8 +576,36 @@ def train_cnn(train: pd.DataFrame | SampleSource, *, minutes: float = 20.0, max_
             if out is not None:
                 _write_history(history, out / f"{name}_log.csv")
 
+        snapshot: dict[str, Any] | None = None
+        patience_ran_out = False
+
+        def take_snapshot() -> dict[str, Any]:
+            # what a run stopped here would return: its final evaluation against its best so far
+            state, best_step = best[1], best[2]
+            if ev_crops is not None:
+                mae = _eval_mae(model, ev_crops, ev_gt)["eval_mae_mean"]
+                if state is None or mae < best[0] - min_delta:
+                    state, best_step = None, step
+            else:
+                state, best_step = None, step
+            if out is not None:
+                snap = copy.deepcopy(model)
+                if state is not None:
+                    snap.load_state_dict(state)
+                save_cnn(snap.eval(), out / f"{snapshot_name}.safetensors",
+                         extra={"steps": step, "train_seconds": train_s, "best_step": best_step})
+            return {"name": snapshot_name, "steps": step, "train_seconds": train_s, "best_step": best_step,
+                    "n_params": sum(p.numel() for p in model.parameters())}
+
         bar = tqdm(total=max_steps, desc="cnn6d", unit="step", disable=not progress)
         while True:
+            if snapshotting and snapshot is None and (
+                    (snapshot_minutes is not None and train_s >= 60.0 * snapshot_minutes)
+                    or (snapshot_steps is not None and step >= snapshot_steps)):
+                snapshot = take_snapshot()
+            if patience_ran_out and (snapshot is not None or not snapshotting):
+                stopped = "converged"
+                break
             if step >= max_steps:
                 stopped = "max_steps"
                 break
@@ -582,10 +629,10 @@ def train_cnn(train: pd.DataFrame | SampleSource, *, minutes: float = 20.0, max_
             bar.set_postfix(loss=f"{math.degrees(loss.item()):.1f}deg", refresh=False)
             if step % eval_every == 0:
                 evaluate(step)
-                if patience is not None and since_best >= patience:
-                    stopped = "converged"
-                    break
+                patience_ran_out = patience is not None and since_best >= patience
         bar.close()
+        if snapshotting and snapshot is None:  # the run ended before the snapshot's budget
+            snapshot = take_snapshot()
         if not history or history[-1]["step"] != step:
             evaluate(step)
         if best[1] is not None:
@@ -595,10 +642,10 @@ def train_cnn(train: pd.DataFrame | SampleSource, *, minutes: float = 20.0, max_
         hist = pd.DataFrame(history)
         hist.attrs.update(train_seconds=train_s, prep_seconds=prep_seconds, steps=step, stopped=stopped,
                           best_step=best[2] if best[1] is not None else step, n_params=n_params,
-                          config=config.to_dict())
+                          config=config.to_dict(), snapshot=snapshot)
         if out is not None:
             save_cnn(model, out / f"{name}.safetensors",
-                     extra={k: v for k, v in hist.attrs.items() if k != "config"})
+                     extra={k: v for k, v in hist.attrs.items() if k not in ("config", "snapshot")})
             _write_history(history, out / f"{name}_log.csv")
         return model, hist
     finally:
@@ -897,6 +944,10 @@ def _finite(v: Any) -> bool:
 BASELINES_DIR = "baselines"
 
 
+CONVERGED_PATIENCE = 5  # evaluations (of 100 steps) without a held-out gain before "converged"
+_INFO_KEYS = ("steps", "train_seconds", "stopped", "best_step", "n_params")
+
+
 def train_baselines(config, run_dir: str | os.PathLike, datasets: Mapping[str, Mapping[str, pd.DataFrame]],
                     progress: bool = True) -> pd.DataFrame:
     """Train the run's CNN baselines on its training split, into `<run_dir>/baselines/`.
@@ -904,7 +955,10 @@ def train_baselines(config, run_dir: str | os.PathLike, datasets: Mapping[str, M
     `cnn6d@budget` gets the VLM's LoRA budget (`lora.train.minutes` / `max_steps`), so the
     comparison is fair in CPU minutes; `cnn6d@converged` (when `baselines.cnn_converged_minutes`
     > 0) trains until its held-out error stops improving, so it is fair in convergence too.
-    A model already saved in the folder is reused.
+    Both come from ONE training run when both are asked for: `cnn6d@budget` is the weights that
+    run held when the budget ran out (`train_cnn`'s snapshot: the same weights a separate run
+    of that budget would give), which saves the budget's minutes. Models already saved in the
+    folder are reused.
 
     Returns:
         One row per trained baseline: `variant`, `steps`, `train_seconds`, `stopped`, `path`.
@@ -916,21 +970,28 @@ def train_baselines(config, run_dir: str | os.PathLike, datasets: Mapping[str, M
     train_df = next(iter(datasets["train"].values()))
     eval_source = (renderer_source(config.data.train_domain, config.data.image_size)
                    if all(df["domain"].iloc[0].startswith("synth") for df in datasets["train"].values()) else None)
-    plans = [(CNN_BUDGET, config.lora.train.minutes, config.lora.train.max_steps, None)]
-    if b.cnn_converged_minutes > 0:
-        plans.append((CNN_CONVERGED, b.cnn_converged_minutes, 1_000_000, 5))
-    rows = []
-    for variant, minutes, max_steps, patience in plans:
-        path = out / f"{variant}.safetensors"
-        info_path = out / f"{variant}.json"
-        if not (path.is_file() and info_path.is_file()):
-            _, history = train_cnn(train_df, minutes=minutes, max_steps=max_steps, batch_size=b.cnn_batch_size,
-                                   out_dir=out, seed=config.seed, eval_source=eval_source,
-                                   n_eval=min(256, config.eval.n_samples), patience=patience,
-                                   config=CNNConfig(image_size=b.cnn_image_size), name=variant, progress=progress)
-            io.write_json(info_path, {"variant": variant, "path": str(path), **{
-                k: history.attrs.get(k) for k in ("steps", "train_seconds", "stopped", "best_step", "n_params")}})
-        rows.append(io.read_json(info_path))
+    budget = dict(minutes=config.lora.train.minutes, max_steps=config.lora.train.max_steps)
+    variants = [CNN_BUDGET] + ([CNN_CONVERGED] if b.cnn_converged_minutes > 0 else [])
+    done = lambda v: (out / f"{v}.safetensors").is_file() and (out / f"{v}.json").is_file()  # noqa: E731
+    if not all(done(v) for v in variants):
+        common = dict(batch_size=b.cnn_batch_size, out_dir=out, seed=config.seed, eval_source=eval_source,
+                      n_eval=min(256, config.eval.n_samples), config=CNNConfig(image_size=b.cnn_image_size),
+                      progress=progress)
+        if b.cnn_converged_minutes > 0:
+            # one run to convergence; the weights it held when the LoRA budget ran out are @budget
+            _, history = train_cnn(train_df, minutes=b.cnn_converged_minutes, max_steps=1_000_000,
+                                   patience=CONVERGED_PATIENCE, name=CNN_CONVERGED,
+                                   snapshot_minutes=budget["minutes"], snapshot_steps=budget["max_steps"],
+                                   snapshot_name=CNN_BUDGET, **common)
+            infos = {CNN_CONVERGED: {k: history.attrs.get(k) for k in _INFO_KEYS},
+                     CNN_BUDGET: {**{k: history.attrs["snapshot"].get(k) for k in _INFO_KEYS},
+                                  "stopped": "budget", "snapshot_of": CNN_CONVERGED}}
+        else:
+            _, history = train_cnn(train_df, name=CNN_BUDGET, **budget, **common)
+            infos = {CNN_BUDGET: {k: history.attrs.get(k) for k in _INFO_KEYS}}
+        for v, info in infos.items():
+            io.write_json(out / f"{v}.json", {"variant": v, "path": str(out / f"{v}.safetensors"), **info})
+    return pd.DataFrame([io.read_json(out / f"{v}.json") for v in variants])
     return pd.DataFrame(rows)
 
 

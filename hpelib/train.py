@@ -54,7 +54,7 @@ LATEST = "latest_checkpoint.txt"
 HISTORY_CSV = "history.csv"
 LOSS_PNG = "loss.png"
 DONE = "training_done.json"
-BASE_VERSION = 1  # bump when base training code changes what a cached base is
+BASE_VERSION = 2  # bump when base training code changes what a cached base is (2: Qwen3-VL tiny)
 
 # the base's held-out tasks (heads and objects separately) and the LoRA stage's
 BASE_EVAL_TASKS = ("box_head", "box_object")
@@ -386,82 +386,6 @@ def plot_history(history: pd.DataFrame):
     return fig
 
 
-# ------------------------------------------------------------------------------------ vision pre-training
-VISION_PRETRAIN_FRACTION = 0.25  # of the tiny base's budget: encoder first, as LLaVA-style VLMs start
-VISION_PRETRAIN_LR = 2e-3
-
-
-class DenseHead(torch.nn.Module):
-    """Temporary head on the image tokens `(B, T, D)` -> `(B, n_targets)`; dropped afterwards."""
-
-    def __init__(self, n_tokens: int, dim: int, n_targets: int, hidden: int = 256):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(n_tokens * dim, hidden),
-                                       torch.nn.GELU(), torch.nn.Linear(hidden, n_targets))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.net(tokens)
-
-
-def pretrain_vision(backend: Backend, renderer, minutes: float, max_steps: int, batch_size: int, seed: int = 0,
-                    progress: bool = True) -> pd.DataFrame:
-    """Train the vision tower (and projector) alone through a temporary dense head.
-
-    Targets are the base curriculum's (`tasks.dense_targets`: head and object boxes, object
-    colours, shapes, axes and count), never head pose. Masked smooth-L1 loss; AdamW with a short
-    warmup and a cosine over the time budget. Not checkpointed: an interrupted base run that has
-    no checkpoint yet repeats it.
-
-    Returns:
-        History rows `step`, `loss`, `lr`, `elapsed_s` (phase `vision`).
-    """
-    from tqdm.auto import tqdm
-
-    model = backend.model
-    colours = tasks.scene_colours()
-    probe = renderer.render(np.random.default_rng([seed, 7, 0]))
-    n_targets = len(tasks.dense_targets(probe, colours)[0])
-    dim = model.config.text_config.d_model
-    torch.manual_seed(seed)
-    head = DenseHead(backend.num_image_tokens, dim, n_targets).to(backend.device)
-    vision = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-    opt = torch.optim.AdamW([{"params": vision}, {"params": head.parameters()}], lr=VISION_PRETRAIN_LR,
-                            weight_decay=0.01)
-    model.train()
-    rows, t0, step = [], time.time(), 0
-    budget = minutes * 60
-    bar = tqdm(total=max_steps, desc="vision pre-training", disable=not progress, dynamic_ncols=True)
-    while step < max_steps and time.time() - t0 < budget:
-        rng = np.random.default_rng([seed, 7, step + 1])
-        scenes = []
-        while len(scenes) < batch_size:
-            scene = renderer.render(rng)
-            scenes += [scene, tasks.mirror_scene(scene)]
-        scenes = scenes[:batch_size]
-        px = backend.image_processor.preprocess([s.image for s in scenes])["pixel_values"].to(backend.device)
-        tv = [tasks.dense_targets(s, colours) for s in scenes]
-        y = torch.from_numpy(np.stack([v for v, _ in tv])).to(backend.device)
-        m = torch.from_numpy(np.stack([w for _, w in tv])).to(backend.device)
-        frac = (time.time() - t0) / budget
-        lr = VISION_PRETRAIN_LR * min(1.0, (step + 1) / 20) * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        tokens = model.model.get_image_features(px).pooler_output
-        pred = head(tokens)
-        loss = (torch.nn.functional.smooth_l1_loss(pred, y, reduction="none", beta=0.05) * m).sum() / m.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vision + list(head.parameters()), 1.0)
-        opt.step()
-        opt.zero_grad()
-        step += 1
-        rows.append({"phase": "vision", "step": step, "loss": float(loss.detach()), "lr": lr,
-                     "elapsed_s": round(time.time() - t0, 2)})
-        bar.update(1)
-        bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
-    bar.close()
-    return pd.DataFrame(rows)
-
-
 # ------------------------------------------------------------------------------------ stages
 def make_renderer(config: Config, domain: str | None = None):
     from hpelib.data.synth import SceneRenderer
@@ -469,7 +393,7 @@ def make_renderer(config: Config, domain: str | None = None):
     return SceneRenderer(domain or config.data.train_domain, config.data.image_size)
 
 
-def base_key(config: Config, vision_pretrain: bool = True) -> str:
+def base_key(config: Config) -> str:
     """Hash of what defines the base: model, base training, image size, training domain, seed,
     curriculum and backend sizes. Changing anything else (LoRA, merges, test sets) reuses it."""
     spec = {}
@@ -479,13 +403,13 @@ def base_key(config: Config, vision_pretrain: bool = True) -> str:
         spec = dataclasses.asdict(TinySpec())
     payload = {"model": dataclasses.asdict(config.model), "base": dataclasses.asdict(config.base),
                "image_size": config.data.image_size, "domain": config.data.train_domain, "seed": config.seed,
-               "mix": tasks.BASE_MIX, "spec": spec, "version": BASE_VERSION, "vision_pretrain": vision_pretrain}
+               "mix": tasks.BASE_MIX, "spec": spec, "version": BASE_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def base_cache_dir(config: Config, vision_pretrain: bool = True) -> Path:
+def base_cache_dir(config: Config) -> Path:
     """`paths.cache_dir()/base-<base_key>`: where the base of `config` is trained and kept."""
-    return paths.cache_dir() / f"base-{base_key(config, vision_pretrain)}"
+    return paths.cache_dir() / f"base-{base_key(config)}"
 
 
 def base_eval_set(config: Config, n: int | None = None) -> list[Sample]:
@@ -501,7 +425,7 @@ def lora_eval_set(config: Config, n: int | None = None) -> list[Sample]:
 
 
 def train_base(config: Config, out_dir: str | os.PathLike | None = None, force: bool = False,
-               progress: bool = True, vision_pretrain: bool = True) -> tuple[Backend, pd.DataFrame]:
+               progress: bool = True) -> tuple[Backend, pd.DataFrame]:
     """The base VLM of `config`: trained once (all weights, the base curriculum), then cached.
 
     For the tiny backend this is grounding from scratch plus the general visual tasks of
@@ -513,8 +437,6 @@ def train_base(config: Config, out_dir: str | os.PathLike | None = None, force: 
         out_dir: the run's base folder; gets `base.json` (the cache path and the final metrics),
             `history.csv` and `loss.png`.
         force: retrain even if the cache holds a finished base.
-        vision_pretrain: spend `VISION_PRETRAIN_FRACTION` of the budget on `pretrain_vision`
-            first (tiny backend).
 
     Returns:
         `(backend, history)`: the trained backend (in eval mode) and the training history.
@@ -522,29 +444,15 @@ def train_base(config: Config, out_dir: str | os.PathLike | None = None, force: 
     cls = get_backend_class(config.model.backend)
     if config.model.backend != "tiny":
         return cls.build(config), pd.DataFrame()
-    cache = base_cache_dir(config, vision_pretrain)
+    cache = base_cache_dir(config)
     work = cache / "training"
     if force and cache.exists():
         shutil.rmtree(cache)
     if not (cache / DONE).exists():
         backend = cls.build(config)  # a resumed run overwrites these weights from its checkpoint
-        renderer = make_renderer(config)
-        lm_train = config.base
-        if vision_pretrain and latest_checkpoint(work) is None:
-            f = VISION_PRETRAIN_FRACTION
-            vision = pretrain_vision(backend, renderer, config.base.minutes * f,
-                                     max(1, int(config.base.max_steps * f)), config.base.batch_size,
-                                     seed=config.seed, progress=progress)
-            work.mkdir(parents=True, exist_ok=True)
-            io.write_text(work / "vision_history.csv", vision.to_csv(index=False))
-            lm_train = dataclasses.replace(config.base, minutes=config.base.minutes * (1 - f),
-                                           max_steps=max(1, config.base.max_steps - len(vision)))
-        elif vision_pretrain and (work / "vision_history.csv").exists():
-            f = VISION_PRETRAIN_FRACTION
-            lm_train = dataclasses.replace(config.base, minutes=config.base.minutes * (1 - f))
-        stream = tasks.SampleStream(renderer, tasks.BASE_MIX, config.base.batch_size,
+        stream = tasks.SampleStream(make_renderer(config), tasks.BASE_MIX, config.base.batch_size,
                                     seed=config.seed, decimals=config.angle_decimals)
-        history = fit(backend, stream, base_eval_set(config), lm_train, work, desc="base", progress=progress)
+        history = fit(backend, stream, base_eval_set(config), config.base, work, desc="base", progress=progress)
         backend.save(cache / "model")
         final = {k: v for k, v in history.iloc[-1].items() if isinstance(v, (int, float)) and np.isfinite(v)}
         io.write_json(cache / DONE, {"key": base_key(config), "steps": int(history["step"].iloc[-1]),
@@ -567,9 +475,9 @@ def resolve_device(config: Config) -> torch.device:
     return torch.device(config.model.device)
 
 
-def base_model_dir(config: Config, vision_pretrain: bool = True) -> Path:
+def base_model_dir(config: Config) -> Path:
     """The saved base model of `config` (after `train_base`)."""
-    return base_cache_dir(config, vision_pretrain) / "model"
+    return base_cache_dir(config) / "model"
 
 
 def lora_config(config: Config, backend: Backend):

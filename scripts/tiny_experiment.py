@@ -29,7 +29,6 @@ def main() -> None:
     p.add_argument("--base-dir")
     p.add_argument("--rehearsal", type=float, default=0.2)
     p.add_argument("--adapter", default="hpe_rehearsal")
-    p.add_argument("--no-vision-pretrain", action="store_true", help="base: skip the dense-head phase")
     p.add_argument("--set", nargs="*", default=[])
     a = p.parse_args()
     if a.threads:
@@ -39,7 +38,7 @@ def main() -> None:
     out = paths.runs_dir() / "experiments" / a.name
     t0 = time.time()
     if a.stage == "base":
-        _, history = train.train_base(config, out, vision_pretrain=not a.no_vision_pretrain)
+        _, history = train.train_base(config, out)
     else:
         _, history = train.train_lora(config, a.base_dir, a.adapter, a.rehearsal, out)
     last = history.iloc[-1].dropna().to_dict()

@@ -171,6 +171,34 @@ def test_patience_stops_early():
     assert hist.attrs["stopped"] == "converged" and hist.attrs["steps"] == 6
 
 
+def test_snapshot_is_the_model_a_shorter_run_returns(tmp_path):
+    # one run to 40 steps with a snapshot at 20 against a separate 20-step run of the same seed:
+    # same draws up to step 20 (constant lr), so the same weights (cnn6d@budget from cnn6d@converged)
+    kw = dict(minutes=1.0, batch_size=8, lr=3e-3, seed=3, eval_source=_toy_source, n_eval=16,
+              eval_every=10, pool_size=32, config=TINY, augment=B.AugmentConfig(blur=0.0), progress=False)
+    long_model, hist = B.train_cnn(_toy_source, max_steps=40, out_dir=tmp_path / "long", name="long",
+                                   snapshot_steps=20, snapshot_name="short", **kw)
+    short_model, short_hist = B.train_cnn(_toy_source, max_steps=20, out_dir=tmp_path / "sep", name="sep", **kw)
+    snap = hist.attrs["snapshot"]
+    assert snap["steps"] == 20 and snap["best_step"] == short_hist.attrs["best_step"]
+    assert hist.attrs["steps"] == 40
+    x = torch.randn(2, 3, 32, 32)
+    expected = short_model(x).detach().numpy()
+    assert_allclose(B.load_cnn(tmp_path / "long" / "short.safetensors")(x).detach().numpy(), expected, atol=1e-6)
+    assert_allclose(B.load_cnn(tmp_path / "sep" / "sep.safetensors")(x).detach().numpy(), expected, atol=1e-6)
+    assert not np.allclose(long_model(x).detach().numpy(), expected)  # the long run went on training
+    with pytest.raises(ValueError, match="snapshot_name"):
+        B.train_cnn(_toy_source, max_steps=2, snapshot_steps=1, snapshot_name="cnn6d", config=TINY, progress=False)
+
+
+def test_patience_waits_for_the_snapshot():
+    _, hist = B.train_cnn(_toy_source, minutes=1.0, max_steps=1000, batch_size=4, lr=1e-9, seed=0,
+                          eval_source=_toy_source, n_eval=8, eval_every=2, patience=2, min_delta=1.0,
+                          pool_size=16, config=TINY, snapshot_steps=10, snapshot_name="early", progress=False)
+    assert hist.attrs["stopped"] == "converged" and hist.attrs["steps"] == 10
+    assert hist.attrs["snapshot"]["steps"] == 10
+
+
 def test_a_manifest_frame_is_a_source(tmp_path):
     from PIL import Image
 

@@ -1,7 +1,7 @@
 """The embedded tiny VLM: tokenizer, build, a few training steps, save/load, generate, LoRA targets.
 
-Models here are micro-sized (`MICRO`: two DaViT stages, a 1+1-layer BART of width 32) and images
-random, so the file runs in seconds without a renderer.
+Models here are micro-sized (`MICRO`: a 2-block ViT of width 16, a 1-layer decoder of width 32) and
+images random, so the file runs in seconds without a renderer.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import torch
 
 from hpelib import prompts
 from hpelib.backends import Sample, get_backend_class
-from hpelib.backends.tiny import (EOS_ID, IMAGE_ID, TinyBackend, TinyImageProcessor, TinySpec, build_tokenizer,
-                                  describe)
+from hpelib.backends.tiny import TinyBackend, TinySpec, build_tokenizer, describe
 from hpelib.config import make_config
 from hpelib.data import tasks
 
-MICRO = TinySpec(embed_dim=[8, 16], depths=[1, 1], window_size=4, d_model=32, encoder_layers=1, decoder_layers=1,
-                 attention_heads=2, ffn_dim=64)
+MICRO = TinySpec(hidden_size=32, layers=1, heads=2, intermediate_size=64, vision_dim=16, vision_depth=2,
+                 vision_heads=2, vision_intermediate_size=32, deepstack=[1])
 
 
 @pytest.fixture(scope="module")
@@ -67,32 +66,35 @@ def test_tokenizer_covers_every_prompt():
         assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"], text
 
 
-def test_image_processor_resizes_and_normalises():
-    proc = TinyImageProcessor(size=32)
-    img = np.full((64, 48, 3), 255, np.uint8)
-    px = proc.preprocess([img, img])["pixel_values"]
-    assert px.shape == (2, 3, 32, 32)
-    assert torch.allclose(px, torch.full_like(px, 2.0))  # (1 - 0.5) / 0.25
+def test_image_size_must_tile_into_merged_patches():
+    with pytest.raises(ValueError, match="data.image_size must be a multiple of 32"):
+        TinyBackend.build(make_config("smoke", {"data.image_size": 48}), spec=MICRO)
 
 
 # ------------------------------------------------------------------------------------ model
 def test_registry_builds_a_real_transformers_model(backend):
     assert get_backend_class("tiny") is TinyBackend
-    assert type(backend.model).__name__ == "Florence2ForConditionalGeneration"
+    assert type(backend.model).__name__ == "Qwen3VLForConditionalGeneration"
     info = describe(backend)
-    assert info["image_tokens"] == (64 // 8) ** 2 + 1  # two stages: stride 4 * 2
+    assert info["image_tokens"] == (64 // 16 // 2) ** 2  # 16 px patches merged 2 x 2
+    # learned absolute position embeddings, one per patch of the image grid
+    assert backend.model.model.visual.pos_embed.weight.shape[0] == (64 // 16) ** 2
 
 
 def test_encode_puts_the_loss_on_answer_tokens_only(backend):
     s = random_samples(2)[1]
     enc = backend.encode(s)
-    n_img = backend.num_image_tokens
-    assert enc["input_ids"][:n_img].eq(IMAGE_ID).all()
+    image_id = backend.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int(enc["input_ids"].eq(image_id).sum()) == backend.num_image_tokens
+    assert int(enc["mm_token_type_ids"].sum()) == backend.num_image_tokens
     answer_ids = backend.tokenizer(s.answer, add_special_tokens=False)["input_ids"]
-    assert enc["labels"].tolist() == answer_ids + [EOS_ID]
-    batch = backend.collate([backend.encode(x) for x in random_samples(3)])
-    assert batch["pixel_values"].shape == (3, 3, 64, 64)
-    assert batch["attention_mask"].sum(1).tolist() == [len(backend.encode(x)["input_ids"]) for x in random_samples(3)]
+    labelled = enc["labels"][enc["labels"] != -100].tolist()
+    assert labelled == answer_ids + [backend.end_id]
+    assert enc["labels"][-len(labelled):].tolist() == labelled  # the answer is the end of the sequence
+    samples = random_samples(3)
+    batch = backend.collate([backend.encode(x) for x in samples])
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 3
+    assert batch["attention_mask"].sum(1).tolist() == [len(backend.encode(x)["input_ids"]) for x in samples]
     assert (batch["labels"] == -100).any()  # padded labels are ignored
 
 
@@ -155,8 +157,9 @@ def test_lora_targets_language_and_vision_linears(backend):
     vis = re.compile(backend.lora_target_modules(language=False, vision=True))
     lang_hits = [n for n in names if lang.fullmatch(n)]
     vis_hits = [n for n in names if vis.fullmatch(n)]
-    assert lang_hits and all("language_model" in n for n in lang_hits)
-    assert vis_hits and all("vision_tower" in n or "multi_modal_projector" in n for n in vis_hits)
+    assert len(lang_hits) == 7 * MICRO.layers and all(".language_model.layers." in n for n in lang_hits)
+    assert len(vis_hits) == 4 * MICRO.vision_depth and all(".visual.blocks." in n for n in vis_hits)
+    assert not any("merger" in n for n in vis_hits)  # the (deepstack) mergers stay frozen
     assert "lm_head" not in lang_hits + vis_hits
     with pytest.raises(ValueError):
         backend.lora_target_modules(language=False, vision=False)

@@ -24,8 +24,8 @@ from hpelib.backends.tiny import TinyBackend, TinySpec
 from hpelib.config import make_config
 from hpelib.data import tasks
 
-MICRO = TinySpec(embed_dim=[8, 16], depths=[1, 1], window_size=4, d_model=32, encoder_layers=1, decoder_layers=1,
-                 attention_heads=2, ffn_dim=64)
+MICRO = TinySpec(hidden_size=32, layers=1, heads=2, intermediate_size=64, vision_dim=16, vision_depth=2,
+                 vision_heads=2, vision_intermediate_size=32, deepstack=[1])
 
 
 class FakeRenderer:

@@ -2,20 +2,24 @@
 
 Design (chosen by experiment, see `docs/tiny_backend.md`):
 
-- **Model**: `transformers.Florence2ForConditionalGeneration`, randomly initialised from a small
-  config. Its vision tower is DaViT: convolutional patch embeddings and a hierarchical,
-  CNN-like layout (strides 4, 2, 2, 2), which learns from few samples far faster than a plain
-  ViT. The last feature map (`(S/32)^2` cells, 4 x 4 at 128 px) plus one pooled token are the image
-  tokens; a BART encoder reads them with the prompt and a BART decoder writes the answer.
-- **Tokenizer**, built in code with `tokenizers` and wrapped as `PreTrainedTokenizerFast`: a
-  word-level vocabulary in which every number of the answer grammar is ONE token (`000`-`999`,
-  `0`-`999`, `-0`-`-180`), so the box corners and the angles are classification over bins (as in
-  Pix2Seq) instead of digit-by-digit regression. The answer *string* is exactly the grammar of
+- **Model**: `transformers.Qwen3VLForConditionalGeneration`, randomly initialised from a small
+  config (~4.5 M parameters). A decoder-only VLM: the image tokens, the prompt and the answer are
+  one causal sequence, so the answer attends to the image directly. Qwen3-VL's vision tower adds
+  *learned absolute position embeddings* to its patches; Qwen2-VL's (rotary positions only) and
+  Florence-2's encoder-decoder both stalled at a constant box in the same budget. With absolute
+  positions the answers follow the head within the first few hundred steps.
+- **Tokenizer**, built in code with `tokenizers` and wrapped as `PreTrainedTokenizerFast`: Qwen's
+  special tokens and chat template, and a word-level vocabulary in which every number of the
+  answer grammar is ONE token (`000`-`999`, `0`-`999`, `-0`-`-180`), so box corners and angles
+  are classification over bins (as in Pix2Seq). The answer *string* is exactly the grammar of
   `hpelib.prompts`: tokens decode by plain concatenation (`decoders.Fuse`).
-- **Image processor**: numpy/torch only (torchvision is not importable here): resize to the
-  configured size, scale to [0, 1], normalise.
+- **Processor**: Qwen2-VL's own image processor (the PIL/numpy one: torchvision is not importable
+  here) with 16 px patches and 2 x 2 merging, assembled with the tokenizer into the same
+  image-only processor the `qwen2_vl` backend uses. At 128 px: 8 x 8 patches, 16 image tokens.
 
-Everything is saved with `save_pretrained` (safetensors) and loaded without remote code.
+Everything else (encoding with the loss on answer tokens only, collation, batched greedy
+generation) is the `qwen2_vl` backend's code: the embedded model and the hub models share one path.
+Saved with `save_pretrained` (safetensors) and loaded without remote code.
 """
 
 from __future__ import annotations
@@ -26,23 +30,20 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
-import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import Florence2Config, Florence2ForConditionalGeneration, PreTrainedTokenizerFast
-from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from hpelib.backends.base import Backend, Sample
+from hpelib.backends import hub
+from hpelib.backends.qwen2_vl import CHAT_TEMPLATE, END_OF_TURN, SPECIAL_TOKENS, ImageOnlyQwen2VLProcessor, \
+    Qwen2VLBackend
 
-# ------------------------------------------------------------------------------------ tokenizer
-# BART's special-token ids (the text side is BART): decoder_start = eos, as in BART.
-SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<image>")
-BOS_ID, PAD_ID, EOS_ID, UNK_ID, IMAGE_ID = range(len(SPECIAL_TOKENS))
+PAD_TOKEN = "<|endoftext|>"
 
-# One pre-token per grammar piece: "[[", "]]", " yaw:" (the space belongs to the field name so an
-# answer is ~16 tokens), numbers of 1-3 digits with an optional minus, words, single characters.
+# One pre-token per grammar piece: "[[", "]]", " yaw:" (the space belongs to the field name, so
+# an answer is ~10-15 tokens), numbers of 1-3 digits with an optional minus, words, single characters.
 PRETOKEN_PATTERN = r"\[\[|\]\]| ?(?:yaw|pitch|roll|tilt|depth):|-?[0-9]{1,3}| ?[A-Za-z]+|\s|[^\sA-Za-z0-9]"
 _PRETOKEN_RE = re.compile(PRETOKEN_PATTERN)
 MAX_ANGLE_TOKEN = 180  # "-0" .. "-180" are single tokens; beyond +-180 no angle is valid
@@ -64,148 +65,118 @@ def number_tokens() -> list[str]:
 def build_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer built from `corpus` (every prompt and answer word the tasks use).
 
-    The vocabulary is: the special tokens, every grammar number (`number_tokens`), the printable
-    ASCII punctuation, the grammar pieces (`[[`, `]]`, ` yaw:` ...) and every word of `corpus`
-    (sorted, so the same corpus always gives the same ids). Unknown words map to `<unk>`.
+    The vocabulary is: Qwen's special tokens (`<|im_start|>`, `<|image_pad|>`, ...), the chat
+    roles, every grammar number (`number_tokens`), the printable ASCII punctuation, the grammar
+    pieces (`[[`, `]]`, ` yaw:` ...) and every word of `corpus` with and without its leading space
+    (sorted, so the same corpus always gives the same ids). Unknown words map to `<|endoftext|>`.
     """
     vocab: dict[str, int] = {}
 
     def add(token: str) -> None:
-        if token not in vocab:
-            vocab[token] = len(vocab)
+        vocab.setdefault(token, len(vocab))
 
-    for t in SPECIAL_TOKENS:
+    for t in SPECIAL_TOKENS + ("user", "assistant", "[[", "]]"):
         add(t)
     for t in number_tokens():
         add(t)
     for c in " !\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~\n\t":
         add(c)
-    for t in ("[[", "]]") + tuple(f"{s}{n}:" for n in ("yaw", "pitch", "roll", "tilt", "depth") for s in ("", " ")):
+    for t in tuple(f"{s}{n}:" for n in ("yaw", "pitch", "roll", "tilt", "depth") for s in ("", " ")):
         add(t)
-    # every word twice: with its leading space (inside a sentence) and without (first word, or a
-    # one-word answer such as a colour)
     words = {w.strip() for text in corpus for w in _PRETOKEN_RE.findall(text) if w.strip().isalpha()}
     for w in sorted(words):
         add(w)
         add(" " + w)
 
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD_TOKEN))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKEN_PATTERN), behavior="isolated")
     tok.decoder = decoders.Fuse()  # pieces concatenate back to the exact string
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=["<image>"], clean_up_tokenization_spaces=False,
-    )
-
-
-# ------------------------------------------------------------------------------ image processor
-class TinyImageProcessor(BaseImageProcessor):
-    """Images `(H, W, 3)` uint8 -> `pixel_values` `(B, 3, size, size)` float32, normalised.
-
-    numpy/torch only: bilinear resize (antialiased) when the image is not `size` x `size`.
-    """
-
-    model_input_names = ["pixel_values"]
-
-    def __init__(self, size: int = 128, image_mean: Sequence[float] = (0.5, 0.5, 0.5),
-                 image_std: Sequence[float] = (0.25, 0.25, 0.25), **kwargs):
-        super().__init__(**kwargs)
-        self.size = int(size)
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
-
-    def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
-        if isinstance(images, np.ndarray) and images.ndim == 3:
-            images = [images]
-        batch = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8)[..., :3] for im in images]))
-        x = batch.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
-        if x.shape[-2:] != (self.size, self.size):
-            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                                                align_corners=False, antialias=True)
-        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
-        return BatchFeature({"pixel_values": (x - mean) / std}, tensor_type=None)
+        tokenizer_object=tok, eos_token=END_OF_TURN, pad_token=PAD_TOKEN, unk_token=PAD_TOKEN,
+        additional_special_tokens=list(SPECIAL_TOKENS[1:]), clean_up_tokenization_spaces=False)
 
 
 # ------------------------------------------------------------------------------------ the model
 @dataclass
 class TinySpec:
-    """Sizes of the tiny Florence-2 (the numbers the experiments in docs/tiny_backend.md chose).
+    """Sizes of the tiny Qwen3-VL (the numbers the experiments in docs/tiny_backend.md chose).
 
-    ~5 M parameters: a 4-stage DaViT (channels 32-256) and a 2+2-layer BART of width 256.
-    At 128 px the vision tower leaves a 4 x 4 map: 16 + 1 pooled image tokens.
+    ~4.5 M parameters: a 4-block ViT of width 128 on 16 px patches (with deepstack features from
+    blocks 1 and 2) and a 4-layer decoder of width 192. At 128 px: 16 image tokens.
     """
 
-    embed_dim: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
-    depths: list[int] = field(default_factory=lambda: [1, 1, 2, 1])
-    window_size: int = 8  # DaViT window attention: 8 x 8 cells (stage 1 at 128 px is 32 x 32)
-    d_model: int = 256
-    encoder_layers: int = 2
-    decoder_layers: int = 2
-    attention_heads: int = 4
-    ffn_dim: int = 512
-    max_text_positions: int = 128  # image tokens + prompt, or answer: both are far shorter
-    # Number tokens start from sinusoidal features of their value (Pix2Seq-style bins made
-    # ordinal): with tied input/output embeddings, nearby values then get nearby logits, so a box
-    # corner or an angle is learnt as a smooth function instead of 1000 unrelated classes.
-    number_features: int = 64  # embedding dimensions given to the value's sinusoids (0: plain init)
-    number_scale: float = 0.2  # their amplitude: norm ~1.1 (the rest of the embedding is N(0, 0.02))
+    hidden_size: int = 192
+    layers: int = 4
+    heads: int = 3  # head_dim 64
+    intermediate_size: int = 576
+    vision_dim: int = 128
+    vision_depth: int = 4
+    vision_heads: int = 4
+    vision_intermediate_size: int = 512
+    patch_size: int = 16
+    deepstack: list[int] = field(default_factory=lambda: [1, 2])  # vision blocks whose features feed LM layers 0, 1
+    rope_theta: float = 10000.0
 
-    @property
-    def num_stages(self) -> int:
-        return len(self.embed_dim)
+    def grid(self, image_size: int) -> int:
+        """Patches per side at `image_size` px; raises unless 2 x 2 merging tiles the image."""
+        step = 2 * self.patch_size
+        if image_size % step:
+            raise ValueError(f"data.image_size must be a multiple of {step} for the tiny backend "
+                             f"({self.patch_size} px patches merged 2 x 2), got {image_size}")
+        return image_size // self.patch_size
 
     def num_image_tokens(self, image_size: int) -> int:
-        side = image_size // (4 * 2 ** (self.num_stages - 1))
-        return side * side + 1  # the feature map plus Florence-2's pooled ("temporal") token
+        return (self.grid(image_size) // 2) ** 2
 
-    def florence2_config(self, vocab_size: int) -> Florence2Config:
-        n = self.num_stages
-        heads = [max(1, d // 32) for d in self.embed_dim]
-        vision = dict(
-            embed_dim=self.embed_dim, depths=self.depths, num_heads=heads, num_groups=heads,
-            window_size=self.window_size, projection_dim=self.d_model, drop_path_rate=0.0,
-            patch_size=[7] + [3] * (n - 1), patch_stride=[4] + [2] * (n - 1), patch_padding=[3] + [1] * (n - 1),
-            patch_prenorm=[False] + [True] * (n - 1),
-        )
+    def qwen3_vl_config(self, vocab_size: int, image_size: int, ids: dict[str, int]) -> Qwen3VLConfig:
+        head_dim = self.hidden_size // self.heads
+        quarter = head_dim // 2 * 5 // 16  # M-RoPE frequencies for height and width; time gets the rest
         text = dict(
-            vocab_size=vocab_size, d_model=self.d_model, encoder_layers=self.encoder_layers,
-            decoder_layers=self.decoder_layers, encoder_attention_heads=self.attention_heads,
-            decoder_attention_heads=self.attention_heads, encoder_ffn_dim=self.ffn_dim,
-            decoder_ffn_dim=self.ffn_dim, max_position_embeddings=self.max_text_positions,
-            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-            bos_token_id=BOS_ID, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
-            decoder_start_token_id=EOS_ID, forced_eos_token_id=None, forced_bos_token_id=None,
-        )
-        return Florence2Config(vision_config=vision, text_config=text, image_token_id=IMAGE_ID)
+            vocab_size=vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.heads,
+            head_dim=head_dim, max_position_embeddings=512, bos_token_id=None, eos_token_id=ids[END_OF_TURN],
+            pad_token_id=ids[PAD_TOKEN],
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta, "mrope_interleaved": True,
+                             "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]})
+        grid = self.grid(image_size)
+        vision = dict(
+            depth=self.vision_depth, hidden_size=self.vision_dim, intermediate_size=self.vision_intermediate_size,
+            num_heads=self.vision_heads, patch_size=self.patch_size, spatial_merge_size=2, temporal_patch_size=2,
+            in_channels=3, out_hidden_size=self.hidden_size, num_position_embeddings=grid * grid,
+            deepstack_visual_indexes=list(self.deepstack))
+        return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                             video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                             vision_end_token_id=ids["<|vision_end|>"])
 
 
 BACKEND_FILE = "tiny_backend.json"
 
-# LoRA targets (PEFT matches the regex against the full module name with `re.fullmatch`)
-_LANGUAGE_RE = (r"(.*\.)?language_model\.(encoder|decoder)\.layers\.\d+\."
-                r"(self_attn\.(q|k|v|out)_proj|encoder_attn\.(q|k|v|out)_proj|fc1|fc2)")
-_VISION_RE = (r"(.*\.)?(vision_tower\.blocks\.\d+\.\d+\.(spatial_block|channel_block)\."
-              r"(window_attn\.qkv|window_attn\.proj|channel_attn\.qkv|channel_attn\.proj|ffn\.fc1|ffn\.fc2)"
-              r"|multi_modal_projector\.image_projection)")
+# LoRA targets (PEFT `re.fullmatch`es the full module name)
+_LANGUAGE_RE = (r"(?:.*\.)?language_model\.layers\.\d+\."
+                r"(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)")
+_VISION_RE = r"(?:.*\.)?visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.linear_fc[12])"
 
 
-class TinyBackend(Backend):
-    """Florence-2 at toy size; the embedded default (`model.backend = "tiny"`).
+class TinyBackend(Qwen2VLBackend):
+    """Qwen3-VL at toy size; the embedded default (`model.backend = "tiny"`).
 
-    `processor` is the `PreTrainedTokenizerFast`; `image_processor` the `TinyImageProcessor`.
+    `processor` is the image-only Qwen-VL processor; `tokenizer` the word-level tokenizer.
     """
 
     name = "tiny"
 
-    def __init__(self, model: Florence2ForConditionalGeneration, processor: PreTrainedTokenizerFast,
-                 image_processor: TinyImageProcessor, spec: TinySpec):
-        super().__init__(model, processor)
-        self.tokenizer = processor
-        self.image_processor = image_processor
+    def __init__(self, model: Qwen3VLForConditionalGeneration, processor: ImageOnlyQwen2VLProcessor,
+                 spec: TinySpec, source: str = ""):
+        super().__init__(model, processor, source=source)
         self.spec = spec
-        self.num_image_tokens = spec.num_image_tokens(image_processor.size)
-        _set_generation_defaults(model)
+        self.image_processor = processor.image_processor
+        self.num_image_tokens = spec.num_image_tokens(self.image_size)
+
+    @property
+    def image_size(self) -> int:
+        """The px size the model was built for: one learned position embedding per patch."""
+        vision = self.model.config.vision_config
+        return int(round(vision.num_position_embeddings ** 0.5)) * vision.patch_size
 
     # ---- building and persistence -----------------------------------------------------------
     @classmethod
@@ -217,142 +188,54 @@ class TinyBackend(Backend):
         from hpelib.data.tasks import corpus
 
         spec = spec or TinySpec()
-        torch.manual_seed(config.seed if seed is None else seed)
+        size = config.data.image_size
+        spec.grid(size)  # a clear error before anything is built
         tokenizer = build_tokenizer(corpus())
-        model = Florence2ForConditionalGeneration(spec.florence2_config(len(tokenizer)))
-        init_number_embeddings(model, tokenizer, spec)
-        model.to(dtype=getattr(torch, config.model.dtype), device=resolve_device(config.model.device))
-        return cls(model, tokenizer, TinyImageProcessor(size=config.data.image_size), spec)
+        processor = ImageOnlyQwen2VLProcessor(image_processor=_image_processor(size, spec.patch_size),
+                                              tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+        torch.manual_seed(config.seed if seed is None else seed)
+        model = Qwen3VLForConditionalGeneration(spec.qwen3_vl_config(len(tokenizer), size, ids))
+        device = hub.resolve_device(config.model.device)
+        model.to(dtype=getattr(torch, config.model.dtype), device=device)
+        return cls(model, processor, spec)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "cpu") -> "TinyBackend":
+    def load(cls, path: str | os.PathLike, device: str = "cpu", **_: Any) -> "TinyBackend":
+        """What `save` wrote, on `device` (`"auto"`: cuda when available)."""
         path = Path(path)
         if not (path / BACKEND_FILE).exists():
             raise FileNotFoundError(f"{path}: no {BACKEND_FILE}; not a saved tiny backend")
         spec = TinySpec(**json.loads((path / BACKEND_FILE).read_text())["spec"])
-        model = Florence2ForConditionalGeneration.from_pretrained(path, use_safetensors=True)
-        model.to(resolve_device(device))
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-        image_processor = TinyImageProcessor.from_pretrained(path)
-        return cls(model.eval(), tokenizer, image_processor, spec)
+        model = Qwen3VLForConditionalGeneration.from_pretrained(
+            path, use_safetensors=True, device_map={"": str(hub.resolve_device(device))})
+        processor = ImageOnlyQwen2VLProcessor.from_pretrained(path, local_files_only=True)
+        return cls(model.eval(), processor, spec, source=str(path))
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Weights as `model.safetensors` (transformers 5 writes safetensors only), the tokenizer,
-        the image processor and the tiny spec, all in `path`."""
+        """Weights as `model.safetensors`, the processor (tokenizer, image processor, chat template)
+        and the tiny spec, all in `path`."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path)
+        self.processor.save_pretrained(path)
         (path / BACKEND_FILE).write_text(json.dumps({"spec": dataclasses.asdict(self.spec)}, indent=2))
         return path
 
-    # ---- data -------------------------------------------------------------------------------
-    def encode(self, sample: Sample) -> dict[str, torch.Tensor]:
-        """`input_ids` = image tokens + prompt + `</s>` (the encoder's input), `pixel_values`
-        `(3, S, S)`, and with an answer `labels` = answer + `</s>` (the decoder's targets: with an
-        encoder-decoder every label is an answer token, so the loss is on the answer only)."""
-        prompt = self.tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
-        ids = [IMAGE_ID] * self.num_image_tokens + prompt + [EOS_ID]
-        out = {
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "pixel_values": self.image_processor.preprocess([sample.image])["pixel_values"][0],
-        }
-        if sample.answer is not None:
-            answer = self.tokenizer(sample.answer, add_special_tokens=False)["input_ids"]
-            out["labels"] = torch.tensor(answer + [EOS_ID], dtype=torch.long)
-        return out
-
-    def collate(self, encoded: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Right-pad `input_ids` (with `attention_mask`) and `labels` (with -100); stack pixels."""
-        batch = {
-            "input_ids": _pad([e["input_ids"] for e in encoded], PAD_ID),
-            "pixel_values": torch.stack([e["pixel_values"] for e in encoded]),
-        }
-        batch["attention_mask"] = _pad([torch.ones_like(e["input_ids"]) for e in encoded], 0)
-        if all("labels" in e for e in encoded):
-            batch["labels"] = _pad([e["labels"] for e in encoded], -100)
-        return batch
-
-    @torch.no_grad()
-    def generate(self, samples: list[Sample], max_new_tokens: int = 48) -> list[str]:
-        """Greedy answers, batched, with the decoder's KV cache."""
-        if not samples:
-            return []
-        model = self.model
-        was_training = model.training
-        model.eval()
-        batch = self.collate([self.encode(Sample(s.image, s.prompt, None, s.task)) for s in samples])
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             use_cache=True)
-        if was_training:
-            model.train()
-        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
-
     # ---- LoRA -------------------------------------------------------------------------------
     def lora_target_modules(self, language: bool = True, vision: bool = True) -> str:
-        """Regex over module names: the BART encoder/decoder attention and MLP projections
-        (`language`) and the DaViT window/channel attention and MLP linears plus the image
-        projection (`vision`). Convolutions stay frozen: LoRA deltas are `B @ A` of linears only."""
-        parts = ([_LANGUAGE_RE] if language else []) + ([_VISION_RE] if vision else [])
-        if not parts:
-            raise ValueError("lora_target_modules needs language=True or vision=True")
-        return "|".join(f"(?:{p})" for p in parts)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """Regex over module names: the decoder layers' attention and MLP projections (`language`)
+        and the vision blocks' `attn.qkv`/`attn.proj`/`mlp.linear_fc1|2` (`vision`). Never
+        `lm_head`, the embeddings, the patch embedding or the (deepstack) mergers."""
+        return hub.join_regex(([_LANGUAGE_RE] if language else []) + ([_VISION_RE] if vision else []))
 
 
-# ------------------------------------------------------------------------------------ helpers
-def resolve_device(device: str) -> torch.device:
-    """`"auto"` -> cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def _image_processor(size: int, patch_size: int):
+    """Qwen2-VL's numpy image processor, fixed to `size` x `size` px (normalised around 0.5)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-
-def number_value_features(values: np.ndarray, n_features: int) -> np.ndarray:
-    """Sinusoids of integer values `(N,)` -> `(N, n_features)`, wavelengths 4 to 4000 (geometric),
-    so values 1 apart and 500 apart are both told apart."""
-    k = n_features // 2
-    wavelengths = 4.0 * 1000.0 ** (np.arange(k) / max(k - 1, 1))
-    phase = 2 * np.pi * values[:, None] / wavelengths[None, :]
-    return np.concatenate([np.sin(phase), np.cos(phase)], axis=1) / np.sqrt(k)
-
-
-def init_number_embeddings(model, tokenizer, spec: TinySpec) -> None:
-    """Write `number_scale * sinusoids(value)` into the first `number_features` dimensions of
-    every number token's embedding (shared with the output layer), plus a +-`number_scale`
-    marker over the next 8 dimensions for the zero-padded (box) form, so `012` and `12` differ."""
-    n = min(spec.number_features, (spec.d_model - 8) // 2 * 2)  # room for the 8 marker dimensions
-    if n <= 0:
-        return
-    vocab = tokenizer.get_vocab()
-    tokens = [t for t in number_tokens() if t in vocab]
-    values = np.array([int(t) for t in tokens], np.float64)
-    feats = number_value_features(values, n) * spec.number_scale * np.sqrt(n / 2)
-    # box values are exactly three digits ("000"-"999"); angles and counts are unpadded
-    padded = np.array([1.0 if len(t) == 3 and t.isdigit() else -1.0 for t in tokens]) * spec.number_scale
-    emb = model.get_input_embeddings().weight
-    with torch.no_grad():
-        ids = torch.tensor([vocab[t] for t in tokens])
-        emb[ids, :n] = torch.tensor(feats, dtype=emb.dtype)
-        emb[ids, n:n + 8] = torch.tensor(padded, dtype=emb.dtype)[:, None].expand(-1, 8)
-
-
-def _pad(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
-    return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value)
-
-
-def _set_generation_defaults(model) -> None:
-    gc = model.generation_config
-    gc.bos_token_id, gc.pad_token_id, gc.eos_token_id = BOS_ID, PAD_ID, EOS_ID
-    gc.decoder_start_token_id = EOS_ID
-    gc.forced_eos_token_id = None
-    gc.forced_bos_token_id = None
+    return Qwen2VLImageProcessorPil(min_pixels=size * size, max_pixels=size * size, patch_size=patch_size,
+                                    merge_size=2, image_mean=[0.5] * 3, image_std=[0.25] * 3)
 
 
 def describe(backend: TinyBackend) -> dict[str, Any]:
@@ -362,9 +245,9 @@ def describe(backend: TinyBackend) -> dict[str, Any]:
     return {
         "model": type(backend.model).__name__,
         "params_total": count(backend.model),
-        "params_vision": count(m.vision_tower) + count(m.multi_modal_projector),
-        "params_language": count(m.language_model),
+        "params_vision": count(m.visual),
+        "params_language": count(m.language_model) + count(backend.model.lm_head),
         "image_tokens": backend.num_image_tokens,
         "vocab_size": len(backend.tokenizer),
-        "image_size": backend.image_processor.size,
+        "image_size": backend.image_size,
     }

@@ -299,51 +299,6 @@ def eval_set(renderer, tasks: Iterable[str] | dict[str, int], n: int = 64, seed:
     return out
 
 
-# --------------------------------------------------------------------------- dense targets
-def dense_targets(scene, colours: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Regression targets of the vision pre-training's temporary head (never head pose).
-
-    Layout: the head box (4), then per colour in `colours`: present (1), box (4), axis as
-    `(cos 2t, sin 2t, depth/90)` of `axis_angles` (3, where the object has an axis), shape one-hot
-    (len(SHAPE_WORDS)), then the object count / 4 (1).
-
-    Returns:
-        `(values, mask)`, both `(D,)` float32; `mask` is 0 where a value is undefined (an absent
-        object's box, a sphere's axis).
-    """
-    colours = list(colours)
-    k = 1 + 4 + 3 + len(SHAPE_WORDS)
-    values = np.zeros(4 + k * len(colours) + 1, np.float32)
-    mask = np.zeros_like(values)
-    values[:4], mask[:4] = head_box(scene), 1
-    objs = scene_objects(scene)
-    for i, c in enumerate(colours):
-        base = 4 + k * i
-        mask[base] = 1  # presence is always defined
-        for o in objs:
-            if o["colour"] != c:
-                continue
-            values[base] = 1
-            values[base + 1:base + 5], mask[base + 1:base + 5] = o["box"], 1
-            if o["axis"] is not None and o["shape"] != "sphere":
-                tilt, depth = axis_angles(o["axis"])
-                t = math.radians(2 * tilt)
-                values[base + 5:base + 8] = (math.cos(t), math.sin(t), depth / 90)
-                mask[base + 5:base + 8] = 1
-            if o["shape"] in SHAPE_WORDS:
-                values[base + 8 + SHAPE_WORDS.index(o["shape"])] = 1
-                mask[base + 8:base + 8 + len(SHAPE_WORDS)] = 1
-    values[-1], mask[-1] = len(objs) / 4, 1
-    return values, mask
-
-
-def scene_colours() -> list[str]:
-    """The object colour names the renderer uses (`synth.COLORS`)."""
-    from hpelib.data import synth
-
-    return list(synth.COLORS)
-
-
 # --------------------------------------------------------------------------- vocabulary
 SHAPE_WORDS = ("cube", "sphere", "cone", "cylinder", "torus")
 COLOUR_WORDS = ("red", "green", "blue", "yellow", "orange", "purple", "white", "black", "cyan", "magenta",
