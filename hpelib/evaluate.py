@@ -761,18 +761,25 @@ def reference_metrics(metrics: Mapping[str, Any], datasets: Mapping[str, Mapping
     """The reference rows a results table shows beside the run's variants.
 
     6DRepNet's published MAE for the real test sets the run used (AFLW2000, BIWI), and every
-    variant's relative `mae_mean` change against it; against the run's own 6DRepNet-style CNN
-    (`cnn6d@budget`) too, when the baselines were evaluated.
+    variant's relative `mae_mean` change against it (`mae_mean_vs_6drepnet-published`). When the
+    run's own 6DRepNet-style CNNs were evaluated: the change against each of them
+    (`mae_mean_vs_cnn6d@budget`, `mae_mean_vs_cnn6d@converged`), and `vs_cnn6d`, the one the
+    tables show: against `cnn6d@converged`, or `cnn6d@budget` when only that one was trained.
     """
+    from hpelib.baselines import CNN_BUDGET, CNN_CONVERGED, relative_to_baseline
+
     test_domains = list(datasets.get("test", {}))
     out = published_metrics([d for d in test_domains if d in SIXDREPNET_PUBLISHED])
     merged = {**metrics, **out}
     if out:
         out.update(relative_changes(merged, PUBLISHED_VARIANT))
-    for (var, _, _), _ in _parse_keys(metrics):
-        if var.startswith("cnn6d@"):
-            out.update(relative_changes(merged, var))
-            break
+    cnns = sorted({var for (var, _, _), _ in _parse_keys(metrics) if var.startswith("cnn6d@")})
+    for var in cnns:
+        out.update(relative_changes(merged, var))
+    reference = CNN_CONVERGED if CNN_CONVERGED in cnns else CNN_BUDGET if CNN_BUDGET in cnns else None
+    if reference is not None:
+        with_vs = relative_to_baseline(merged, baseline_variant=reference)
+        out.update({k: v for k, v in with_vs.items() if k.endswith("/vs_cnn6d")})
     return out
 
 

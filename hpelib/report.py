@@ -37,7 +37,7 @@ REPORT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("box_acc50", "head box Acc@0.5", "{:.0%}"),
     ("grounding_acc50", "grounding Acc@0.5", "{:.0%}"),
     ("grounding_valid_rate", "grounding valid", "{:.0%}"),
-    ("vs_cnn6d", "vs 6DRepNet-style CNN", "{:+.1%}"),  # hpelib.baselines.relative_to_baseline
+    ("vs_cnn6d", "vs 6DRepNet-style CNN", "{:+.1%}"),  # against cnn6d@converged (evaluate.reference_metrics)
 )
 # the README's compact table: one column per domain and metric
 README_COLUMNS: tuple[tuple[str, str, str], ...] = (

@@ -303,3 +303,21 @@ def test_run_variants_lists_base_adapters_and_only_the_latest_merges(tmp_path):
     table = run_variants(tmp_path)
     assert table["variant"].tolist() == ["base", "lora:hpe", "task_arithmetic@0.5", "wta_cosine@0.9999"]
     assert table.set_index("variant").loc["lora:hpe", "kind"] == "lora"
+
+
+def test_reference_metrics_compare_every_variant_with_the_converged_cnn():
+    metrics = {"base/synth-aflw/mae_mean": 20.0, "cnn6d@budget/synth-aflw/mae_mean": 10.0,
+               "cnn6d@converged/synth-aflw/mae_mean": 8.0, "lora:hpe/synth-aflw/mae_mean": 6.0}
+    datasets = {"test": {"synth-aflw": None}}
+    out = ev.reference_metrics(metrics, datasets)
+    assert out["base/synth-aflw/vs_cnn6d"] == pytest.approx((20 - 8) / 8)
+    assert out["lora:hpe/synth-aflw/vs_cnn6d"] == pytest.approx((6 - 8) / 8)
+    assert out["cnn6d@budget/synth-aflw/vs_cnn6d"] == pytest.approx(0.25)
+    assert "cnn6d@converged/synth-aflw/vs_cnn6d" not in out
+    assert out["base/synth-aflw/mae_mean_vs_cnn6d@budget"] == pytest.approx(1.0)  # both comparisons kept
+    assert not any(k.startswith("6drepnet") for k in out)  # published numbers only for real test sets
+    # only the budget CNN trained: it is the reference
+    only_budget = {k: v for k, v in metrics.items() if not k.startswith("cnn6d@converged")}
+    out = ev.reference_metrics(only_budget, datasets)
+    assert out["base/synth-aflw/vs_cnn6d"] == pytest.approx(1.0)
+    assert "cnn6d@budget/synth-aflw/vs_cnn6d" not in out

@@ -66,6 +66,13 @@ def test_metrics_cover_every_variant_and_domain(smoke_run):
     assert 0 < metrics["train/base/steps"] <= cfg.base.max_steps
     for adapter in cfg.lora.adapters:
         assert 0 < metrics[f"train/lora:{adapter}/steps"] <= cfg.lora.train.max_steps
+    # both CNN baselines, from one training run: @budget is its snapshot at the LoRA budget
+    for variant in ("cnn6d@budget", "cnn6d@converged"):
+        for domain in cfg.data.test_domains:
+            assert 0 <= metrics[f"{variant}/{domain}/mae_mean"] < 180, (variant, domain)
+    assert 0 < metrics["train/cnn6d@budget/steps"] <= metrics["train/cnn6d@converged/steps"]
+    assert metrics["train/cnn6d@budget/steps"] <= cfg.lora.train.max_steps
+    assert f"cnn6d@budget/{cfg.data.test_domains[0]}/vs_cnn6d" in metrics
     info = json.loads((run / paths.RUN_INFO).read_text())
     assert info["profile"] == "smoke"
     assert {"python", "torch", "transformers", "peft"} <= set(info["versions"])
