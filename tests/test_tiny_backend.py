@@ -167,3 +167,15 @@ def test_lora_targets_language_and_vision_linears(backend):
                                                           target_modules=backend.lora_target_modules()))
     wrapped = {n.split(".lora_A")[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n}
     assert len(wrapped) == len(lang_hits) + len(vis_hits)
+
+
+def test_the_saved_tiny_model_is_a_hub_style_qwen3_vl_folder(backend, tmp_path):
+    """The `qwen2_vl` backend reads the saved embedded model as it reads a hub folder: one code path."""
+    qwen = get_backend_class("qwen2_vl").load(backend.save(tmp_path / "tiny"))
+    assert type(qwen.model).__name__ == "Qwen3VLForConditionalGeneration"
+    batch = backend.collate([backend.encode(s) for s in random_samples(2)])
+    assert qwen.collate([qwen.encode(s) for s in random_samples(2)])["input_ids"].equal(batch["input_ids"])
+    backend.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(qwen.model(**batch).logits, backend.model(**batch).logits)
+    assert qwen.lora_target_modules(language=True, vision=True) == backend.lora_target_modules()

@@ -34,6 +34,8 @@ from hpelib.backends.base import Backend, Sample
 MODEL_TYPES = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+    # the embedded tiny backend's class; real Qwen3-VL hub folders are untested here (no weights)
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
 }
 BACKEND_FILE = "hpelib_backend.json"
 END_OF_TURN = "<|im_end|>"
@@ -42,8 +44,10 @@ END_OF_TURN = "<|im_end|>"
 # `model.language_model.layers.N` (4.4x: `model.layers.N`) and the vision tower `model.visual.blocks.N`.
 LANGUAGE_RE = (r"(?:.*\.)?(?:language_model|model)\.layers\.\d+\."
                r"(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)")
-# Qwen2-VL vision MLP: fc1/fc2; Qwen2.5-VL: gate/up/down_proj. The patch merger stays frozen.
-VISION_RE = r"(?:.*\.)?visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2|gate_proj|up_proj|down_proj))"
+# Qwen2-VL vision MLP: fc1/fc2; Qwen2.5-VL: gate/up/down_proj; Qwen3-VL: linear_fc1/2. The patch
+# merger (Qwen3-VL: and its deepstack mergers) stays frozen.
+VISION_RE = (r"(?:.*\.)?visual\.blocks\.\d+\."
+             r"(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2|linear_fc1|linear_fc2|gate_proj|up_proj|down_proj))")
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):

@@ -151,10 +151,6 @@ class TinySpec:
 
 BACKEND_FILE = "tiny_backend.json"
 
-# LoRA targets (PEFT `re.fullmatch`es the full module name)
-_LANGUAGE_RE = (r"(?:.*\.)?language_model\.layers\.\d+\."
-                r"(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)")
-_VISION_RE = r"(?:.*\.)?visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.linear_fc[12])"
 
 
 class TinyBackend(Qwen2VLBackend):
@@ -224,10 +220,11 @@ class TinyBackend(Qwen2VLBackend):
 
     # ---- LoRA -------------------------------------------------------------------------------
     def lora_target_modules(self, language: bool = True, vision: bool = True) -> str:
-        """Regex over module names: the decoder layers' attention and MLP projections (`language`)
-        and the vision blocks' `attn.qkv`/`attn.proj`/`mlp.linear_fc1|2` (`vision`). Never
-        `lm_head`, the embeddings, the patch embedding or the (deepstack) mergers."""
-        return hub.join_regex(([_LANGUAGE_RE] if language else []) + ([_VISION_RE] if vision else []))
+        """The `qwen2_vl` backend's expressions (vision on by default here, as the `lora` section's
+        `target_vision`): the decoder layers' attention and MLP projections, and the vision blocks'
+        `attn.qkv`/`attn.proj`/`mlp.linear_fc1|2`. Never `lm_head`, the embeddings, the patch
+        embedding or the (deepstack) mergers."""
+        return super().lora_target_modules(language, vision)
 
 
 def _image_processor(size: int, patch_size: int):
