@@ -381,3 +381,13 @@ def test_training_summary_names_every_stage_steps_and_minutes():
     assert line == ("Training: base 124 steps in 14.3 min, lora:hpe 33 steps in 7.5 min, "
                     "cnn6d@budget 900 steps; whole run 50 min.\n")
     assert training_summary({"base/synth-aflw/mae_mean": 30.0}) == ""
+
+
+def test_report_duration_counts_reused_stages_at_their_own_time():
+    from hpelib.report import _duration_text
+
+    assert _duration_text({"stages_s": 2184.0, "duration_s": 2184.5}) == ", 36.4 min"
+    assert _duration_text({"stages_s": 2184.0, "duration_s": 420.0}) == \
+        ", 36.4 min (the last invocation 7.0 min; earlier stages reused)"
+    assert _duration_text({"stages_s": None, "duration_s": 60.0}) == ", 1.0 min"
+    assert _duration_text({"stages_s": None, "duration_s": None}) == ""
