@@ -32,6 +32,7 @@ REPORT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("mae_pitch", "pitch", "{:.2f}"),
     ("mae_roll", "roll", "{:.2f}"),
     ("mae_all", "MAE_all (°)", "{:.2f}"),
+    ("coverage", "coverage", "{:.0%}"),  # baselines: share of heads MediaPipe finds (the CNN: all)
     ("valid_rate", "valid", "{:.0%}"),
     ("blended_rate", "blended", "{:.0%}"),
     ("box_acc50", "head box Acc@0.5", "{:.0%}"),
