@@ -329,7 +329,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "lora.train.minutes": 240.0,
         "lora.train.batch_size": 16,  # ~300 tokens/sample; a 2B model in bf16 (4.4 GB) leaves ~70 GB
         "lora.train.grad_accum": 2,  # 16 x 2 = 32 samples per optimiser step, as on CPU
-        "lora.train.lr": 1e-4,  # pretrained weights: 5x smaller than the CPU study's from-scratch LoRA
+        "lora.train.lr": 1e-4,  # pretrained weights: 20x smaller than the CPU study's from-scratch LoRA (2e-3)
         "lora.train.warmup_steps": 50,
         "lora.train.eval_every": 500,
         "lora.train.checkpoint_every": 500,
