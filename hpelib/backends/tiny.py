@@ -197,7 +197,7 @@ class TinyBackend(Qwen2VLBackend):
         return cls(model, processor, spec)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "cpu", **_: Any) -> "TinyBackend":
+    def load(cls, path: str | os.PathLike, device: str = "cpu") -> "TinyBackend":
         """What `save` wrote, on `device` (`"auto"`: cuda when available)."""
         path = Path(path)
         if not (path / BACKEND_FILE).exists():
