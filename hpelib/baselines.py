@@ -945,7 +945,18 @@ BASELINES_DIR = "baselines"
 
 
 CONVERGED_PATIENCE = 5  # evaluations (of 100 steps) without a held-out gain before "converged"
+BASELINES_VERSION = 1  # bump when a change to the CNN or its training makes cached baselines stale
 _INFO_KEYS = ("steps", "train_seconds", "stopped", "best_step", "n_params")
+
+
+def baselines_key(config) -> str:
+    """Hash of what defines the run's CNN baselines: the data (domains, sizes, roots), the
+    baselines section, the LoRA budget (`cnn6d@budget`'s minutes/steps) and the seed. Changing
+    anything else (LoRA settings, merges, evaluation) reuses the cached CNNs."""
+    payload = {"data": dataclasses.asdict(config.data), "baselines": dataclasses.asdict(config.baselines),
+               "budget": [config.lora.train.minutes, config.lora.train.max_steps],
+               "n_eval": min(256, config.eval.n_samples), "seed": config.seed, "version": BASELINES_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def train_baselines(config, run_dir: str | os.PathLike, datasets: Mapping[str, Mapping[str, pd.DataFrame]],
@@ -957,42 +968,63 @@ def train_baselines(config, run_dir: str | os.PathLike, datasets: Mapping[str, M
     > 0) trains until its held-out error stops improving, so it is fair in convergence too.
     Both come from ONE training run when both are asked for: `cnn6d@budget` is the weights that
     run held when the budget ran out (`train_cnn`'s snapshot: the same weights a separate run
-    of that budget would give), which saves the budget's minutes. Models already saved in the
-    folder are reused.
+    of that budget would give), which saves the budget's minutes.
+
+    Like the tiny base, the CNNs are trained once per `baselines_key` into
+    `data/cache/baselines-<key>/` and copied into the run; models already in the run are reused.
 
     Returns:
-        One row per trained baseline: `variant`, `steps`, `train_seconds`, `stopped`, `path`.
+        One row per trained baseline: `variant`, `steps`, `train_seconds`, `stopped`, `path`,
+        `cached` (True when this call copied it from the cache instead of training it).
     """
     b = config.baselines
     out = Path(run_dir) / BASELINES_DIR
     if not b.cnn:
-        return pd.DataFrame(columns=["variant", "steps", "train_seconds", "stopped", "path"])
+        return pd.DataFrame(columns=["variant", "steps", "train_seconds", "stopped", "path", "cached"])
+    variants = [CNN_BUDGET] + ([CNN_CONVERGED] if b.cnn_converged_minutes > 0 else [])
+    done = lambda folder, v: all((folder / f"{v}{ext}").is_file() for ext in (".safetensors", ".json"))  # noqa: E731
+    if all(done(out, v) for v in variants):
+        return pd.DataFrame([io.read_json(out / f"{v}.json") for v in variants])
+    cache = paths.cache_dir() / f"baselines-{baselines_key(config)}"
+    cached = all(done(cache, v) for v in variants)
+    if not cached:
+        _train_cnns(config, datasets, cache, variants, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for v in variants:
+        for name in (f"{v}.safetensors", f"{v}_log.csv"):
+            if (cache / name).is_file():
+                io.copy_atomic(cache / name, out / name)
+        info = {**io.read_json(cache / f"{v}.json"), "path": str(out / f"{v}.safetensors"), "cached": cached}
+        io.write_json(out / f"{v}.json", info)
+        rows.append(info)
+    return pd.DataFrame(rows)
+
+
+def _train_cnns(config, datasets, out: Path, variants: list[str], progress: bool) -> None:
+    """Train `variants` (one run, see `train_baselines`) into `out`, each with its `<v>.json`."""
+    b = config.baselines
     train_df = next(iter(datasets["train"].values()))
     eval_source = (renderer_source(config.data.train_domain, config.data.image_size)
                    if all(df["domain"].iloc[0].startswith("synth") for df in datasets["train"].values()) else None)
     budget = dict(minutes=config.lora.train.minutes, max_steps=config.lora.train.max_steps)
-    variants = [CNN_BUDGET] + ([CNN_CONVERGED] if b.cnn_converged_minutes > 0 else [])
-    done = lambda v: (out / f"{v}.safetensors").is_file() and (out / f"{v}.json").is_file()  # noqa: E731
-    if not all(done(v) for v in variants):
-        common = dict(batch_size=b.cnn_batch_size, out_dir=out, seed=config.seed, eval_source=eval_source,
-                      n_eval=min(256, config.eval.n_samples), config=CNNConfig(image_size=b.cnn_image_size),
-                      progress=progress)
-        if b.cnn_converged_minutes > 0:
-            # one run to convergence; the weights it held when the LoRA budget ran out are @budget
-            _, history = train_cnn(train_df, minutes=b.cnn_converged_minutes, max_steps=1_000_000,
-                                   patience=CONVERGED_PATIENCE, name=CNN_CONVERGED,
-                                   snapshot_minutes=budget["minutes"], snapshot_steps=budget["max_steps"],
-                                   snapshot_name=CNN_BUDGET, **common)
-            infos = {CNN_CONVERGED: {k: history.attrs.get(k) for k in _INFO_KEYS},
-                     CNN_BUDGET: {**{k: history.attrs["snapshot"].get(k) for k in _INFO_KEYS},
-                                  "stopped": "budget", "snapshot_of": CNN_CONVERGED}}
-        else:
-            _, history = train_cnn(train_df, name=CNN_BUDGET, **budget, **common)
-            infos = {CNN_BUDGET: {k: history.attrs.get(k) for k in _INFO_KEYS}}
-        for v, info in infos.items():
-            io.write_json(out / f"{v}.json", {"variant": v, "path": str(out / f"{v}.safetensors"), **info})
-    return pd.DataFrame([io.read_json(out / f"{v}.json") for v in variants])
-    return pd.DataFrame(rows)
+    common = dict(batch_size=b.cnn_batch_size, out_dir=out, seed=config.seed, eval_source=eval_source,
+                  n_eval=min(256, config.eval.n_samples), config=CNNConfig(image_size=b.cnn_image_size),
+                  progress=progress)
+    if CNN_CONVERGED in variants:
+        # one run to convergence; the weights it held when the LoRA budget ran out are @budget
+        _, history = train_cnn(train_df, minutes=b.cnn_converged_minutes, max_steps=1_000_000,
+                               patience=CONVERGED_PATIENCE, name=CNN_CONVERGED,
+                               snapshot_minutes=budget["minutes"], snapshot_steps=budget["max_steps"],
+                               snapshot_name=CNN_BUDGET, **common)
+        infos = {CNN_CONVERGED: {k: history.attrs.get(k) for k in _INFO_KEYS},
+                 CNN_BUDGET: {**{k: history.attrs["snapshot"].get(k) for k in _INFO_KEYS},
+                              "stopped": "budget", "snapshot_of": CNN_CONVERGED}}
+    else:
+        _, history = train_cnn(train_df, name=CNN_BUDGET, **budget, **common)
+        infos = {CNN_BUDGET: {k: history.attrs.get(k) for k in _INFO_KEYS}}
+    for v, info in infos.items():  # the .json last: it marks the model complete
+        io.write_json(out / f"{v}.json", {"variant": v, "path": str(out / f"{v}.safetensors"), **info})
 
 
 def evaluate_baselines(config, run_dir: str | os.PathLike, datasets: Mapping[str, Mapping[str, pd.DataFrame]],

@@ -40,6 +40,15 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy `src` onto `dst` through a temporary name (a reader never sees half a file)."""
+    import shutil
+
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dst)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 

@@ -199,22 +199,55 @@ def test_patience_waits_for_the_snapshot():
     assert hist.attrs["snapshot"]["steps"] == 10
 
 
-def test_a_manifest_frame_is_a_source(tmp_path):
+def _toy_manifest(folder, n: int = 4) -> pd.DataFrame:
+    """`n` toy heads saved as PNG files, as a manifest frame (the columns `prepare` writes)."""
     from PIL import Image
 
     rows = []
-    for i in range(4):
+    for i in range(n):
         img, box, yaw, pitch, roll = _toy_source(np.random.default_rng(i))
-        Image.fromarray(img).save(tmp_path / f"{i}.png")
-        rows.append({"image": str(tmp_path / f"{i}.png"), "yaw": yaw, "pitch": pitch, "roll": roll,
-                     "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3]})
-    frame = pd.DataFrame(rows)
+        Image.fromarray(img).save(folder / f"{i}.png")
+        rows.append({"image": str(folder / f"{i}.png"), "yaw": yaw, "pitch": pitch, "roll": roll,
+                     "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3], "domain": "toy"})
+    return pd.DataFrame(rows)
+
+
+def test_a_manifest_frame_is_a_source(tmp_path):
+    frame = _toy_manifest(tmp_path)
     img, box, yaw, *_ = B.frame_source(frame)(np.random.default_rng(0))
     assert img.shape == (48, 48, 3) and yaw in (-50.0, 50.0)
     _, hist = B.train_cnn(frame, minutes=1.0, max_steps=2, batch_size=4, config=TINY, progress=False)
     assert hist.attrs["steps"] == 2
     with pytest.raises(ValueError, match="lacks columns"):
         B.frame_source(frame.drop(columns=["yaw"]))
+
+
+def test_baselines_train_once_into_the_cache_and_copy_into_each_run(tmp_path, monkeypatch):
+    from hpelib.config import make_config
+
+    monkeypatch.setenv("HPE_DATA_DIR", str(tmp_path / "data"))
+    datasets = {"train": {"toy": _toy_manifest(tmp_path)}}
+    overrides = {"lora.train.max_steps": 2, "baselines.cnn_converged_minutes": 0, "baselines.cnn_image_size": 32,
+                 "baselines.cnn_batch_size": 4, "eval.n_samples": 4}
+    config = make_config("smoke", overrides)
+    first = B.train_baselines(config, tmp_path / "run1", datasets, progress=False)
+    assert list(first["variant"]) == [B.CNN_BUDGET] and not first["cached"].iloc[0]
+    assert first["steps"].iloc[0] == 2
+    cache = tmp_path / "data" / "cache" / f"baselines-{B.baselines_key(config)}"
+    assert (cache / f"{B.CNN_BUDGET}.safetensors").is_file()
+
+    # another run whose baselines settings are the same (LoRA rank differs): copied, not trained
+    again = make_config("smoke", {**overrides, "lora.rank": 4})
+    assert B.baselines_key(again) == B.baselines_key(config)
+    second = B.train_baselines(again, tmp_path / "run2", datasets, progress=False)
+    assert second["cached"].iloc[0] and second["path"].iloc[0] == str(tmp_path / "run2" / "baselines" /
+                                                                      f"{B.CNN_BUDGET}.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    assert_allclose(B.load_cnn(second["path"].iloc[0])(x).detach().numpy(),
+                    B.load_cnn(first["path"].iloc[0])(x).detach().numpy())
+
+    # the LoRA budget defines cnn6d@budget: a new budget is a new key
+    assert B.baselines_key(make_config("smoke", {**overrides, "lora.train.max_steps": 3})) != B.baselines_key(config)
 
 
 # --------------------------------------------------------------------------- MediaPipe
