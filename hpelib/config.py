@@ -220,17 +220,18 @@ class BaselineConfig:
 class EvalConfig:
     """`05_evaluate`: how many samples, how answers are generated and scored."""
 
-    n_samples: int = 100  # scenes per domain (at most data.n_test), each asked 3 prompts; 9 variants x 3 domains
+    n_samples: int = 100  # scenes per domain (at most data.n_test), each asked 2-3 prompts; 11 variants x 3 domains
     # x 300 prompts keeps generation near 5 CPU minutes
     batch_size: int = 32
-    max_new_tokens: int = 48
+    max_new_tokens: int | None = None  # None: 1.5 x the longest reference answer in the backend's tokens, + 1
     invalid_penalty_deg: float = 90.0  # MAE_all: an invalid answer counts as this error per angle
     max_abs_angle: float = 99.0  # AFLW2000 protocol: drop test samples with any |angle| above
 
     def __post_init__(self) -> None:
         _positive_int("n_samples", self.n_samples)
         _positive_int("batch_size", self.batch_size)
-        _positive_int("max_new_tokens", self.max_new_tokens)
+        if self.max_new_tokens is not None:
+            _positive_int("max_new_tokens", self.max_new_tokens)
         _positive("invalid_penalty_deg", self.invalid_penalty_deg)
         _positive("max_abs_angle", self.max_abs_angle)
 
@@ -311,7 +312,6 @@ PROFILES: dict[str, dict[str, Any]] = {
         "merge.wta_thresholds": [0.9999],
         "eval.n_samples": 8,  # 8 scenes x 3 prompts x 3 domains x 7 variants: ~500 short generations
         "eval.batch_size": 8,
-        "eval.max_new_tokens": 24,  # an answer is ~15 tiny-tokenizer tokens; an untrained model rambles
     },
     # One 80 GB GPU and a pretrained hub VLM: Qwen2-VL-2B-Instruct natively (for the paper's CogVLM see
     # docs/real_backends.md: -p model.backend cogvlm, its own environment, batch 4 x accum 8).

@@ -173,15 +173,17 @@ def test_answer_kind_confusion_counts_and_rates():
 # --------------------------------------------------------------------------- variants
 class EchoBackend:
     """Answers every head-pose prompt with its true pose + 5 deg yaw, every grounding prompt with
-    the true box; records the batch sizes it was asked."""
+    the true box; records the size and the tasks of every batch it was asked."""
 
     def __init__(self):
         self.batches = []
+        self.tasks = []
 
     def generate(self, samples, max_new_tokens=48):
         from hpelib.prompts import format_box, format_hpe
 
         self.batches.append(len(samples))
+        self.tasks.append([x.task for x in samples])
         out = []
         for s in samples:
             m = s.meta
@@ -203,12 +205,14 @@ def samples():
     ]
 
 
-def test_generate_answers_batches_in_order():
+def test_generate_answers_batches_by_task_and_answers_in_order():
     b = EchoBackend()
     s = samples()
-    answers = ev.generate_answers(b, s, batch_size=2, max_new_tokens=8, progress=False)
+    mixed = [s[0], s[3], s[1], s[4], s[2]]  # hpe, box, hpe, box, hpe
+    answers = ev.generate_answers(b, mixed, batch_size=2, max_new_tokens=8, progress=False)
     assert b.batches == [2, 2, 1] and len(answers) == 5
-    assert answers[3] == "[[100,200,500,600]]"
+    assert b.tasks == [["box", "box"], ["hpe", "hpe"], ["hpe"]]  # like answers generated together
+    assert answers == EchoBackend().generate(mixed)  # each answer back at its sample's place
 
 
 def test_evaluate_variant_flat_keys_and_table():

@@ -179,3 +179,14 @@ def test_the_saved_tiny_model_is_a_hub_style_qwen3_vl_folder(backend, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(qwen.model(**batch).logits, backend.model(**batch).logits)
     assert qwen.lora_target_modules(language=True, vision=True) == backend.lora_target_modules()
+
+
+def test_generation_budget_follows_the_reference_answers_in_the_backends_tokens(backend):
+    from hpelib.evaluate import FALLBACK_MAX_NEW_TOKENS, answer_token_budget
+
+    samples = random_samples(4)
+    # a head-pose answer is 15 tiny tokens (the tokenizer test above): 1.5 x 15, rounded up, + the end token
+    assert answer_token_budget(backend, samples) == 24
+    assert answer_token_budget(backend, samples[::2]) == 15  # box answers only: 9 tokens
+    unanswered = [Sample(s.image, s.prompt, None, s.task) for s in samples]
+    assert answer_token_budget(backend, unanswered) == FALLBACK_MAX_NEW_TOKENS
