@@ -18,6 +18,7 @@ import torch
 
 from hpelib import io, paths, train
 from hpelib.config import make_config
+from hpelib.data import tasks
 
 
 def main() -> None:
@@ -30,9 +31,13 @@ def main() -> None:
     p.add_argument("--rehearsal", type=float, default=0.2)
     p.add_argument("--adapter", default="hpe_rehearsal")
     p.add_argument("--set", nargs="*", default=[])
+    p.add_argument("--base-mix", help='JSON task weights replacing tasks.BASE_MIX, e.g. \'{"box": 0.5, "box_part": 0.25}\'')
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.base_mix:
+        tasks.BASE_MIX.clear()
+        tasks.BASE_MIX.update(json.loads(a.base_mix))
     overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     config = make_config(a.profile, overrides)
     out = paths.runs_dir() / "experiments" / a.name

@@ -108,7 +108,7 @@ def test_canonical_head_frame(data_dir):
     nose = mesh.nose_tip
     assert nose[2] > 0.5 and abs(nose[0]) < 0.05  # the face looks along +z, nose on the midline
     lm = mesh.landmarks
-    assert lm[render._LANDMARK_GROUPS["reye"]].mean(0)[0] > lm[render._LANDMARK_GROUPS["leye"]].mean(0)[0]
+    assert lm[render.LANDMARK_GROUPS["reye"]].mean(0)[0] > lm[render.LANDMARK_GROUPS["leye"]].mean(0)[0]
 
 
 def test_same_rng_same_scene(data_dir):
@@ -144,6 +144,32 @@ def test_labels_agree_with_pixels(data_dir, domain):
             assert o["name"] == f"{o['color']} {o['shape']}" and o["shape"] in synth.SHAPES
             assert o["pixels"] >= r.min_object_pixels
             np.testing.assert_allclose(o["axis"], synth.rotation(o["yaw"], o["pitch"], o["roll"])[:, 1], atol=1e-4)
+
+
+def test_face_part_boxes_sit_in_the_head_and_follow_the_pose(data_dir):
+    from hpelib.data import tasks
+
+    r = synth.SceneRenderer("synth-train", 128)
+    base = r.sample(synth.scene_rng("synth-train", "test", 0, 0))
+    frontal, right = r.draw(_plain(base, 0, 0, 0)), r.draw(_plain(base, 40, 0, 0))
+    tol = 2 / 128
+    for s in (frontal, right):
+        parts = s.meta["parts"]
+        assert set(parts) == set(synth.FACE_PARTS)
+        x0, y0, x1, y1 = s.box
+        for name, (a, b, c, d) in parts.items():
+            assert x0 - tol <= a < c <= x1 + tol and y0 - tol <= b < d <= y1 + tol, name
+        # top to bottom in an upright face: eyes, nose tip region, mouth
+        assert parts["eyes"][1] < parts["mouth"][1] and parts["nose"][3] <= parts["mouth"][3]
+    centre = lambda b: (b[0] + b[2]) / 2  # noqa: E731
+    assert centre(right.meta["parts"]["nose"]) > centre(frontal.meta["parts"]["nose"])  # yaw + turns to image right
+    # mirroring maps every part onto the mirrored box of the same part (each is left-right symmetric)
+    mirrored = tasks.mirror_scene(right)
+    for name, (a, b, c, d) in right.meta["parts"].items():
+        np.testing.assert_allclose(mirrored.meta["parts"][name], [1 - c, b, 1 - a, d])
+    sample = tasks.task_part(right, np.random.default_rng(0))
+    assert sample.task == "box" and sample.meta["target_kind"] == "part"
+    assert sample.prompt == f"Where is the {sample.meta['target']}?"
 
 
 def _skin_offset(scene: synth.Scene) -> np.ndarray:

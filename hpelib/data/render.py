@@ -40,7 +40,7 @@ ID_FIRST_OBJECT = 3
 NEAR, FAR = 0.1, 200.0  # clip planes in head radii; scenes sit 2-25 radii from the camera
 
 # the 68 iBUG landmarks of james.ljson, by the groups that file names
-_LANDMARK_GROUPS = {"chin": slice(0, 17), "leye": slice(17, 23), "reye": slice(23, 29),
+LANDMARK_GROUPS = {"chin": slice(0, 17), "leye": slice(17, 23), "reye": slice(23, 29),
                     "leyebrow": slice(29, 34), "nose": slice(34, 43), "reyebrow": slice(43, 48),
                     "mouth": slice(48, 68)}
 NOSE_TIP = 37  # landmark index of the nose tip (the nose point farthest from the face)
@@ -118,9 +118,9 @@ def canonical_frame(landmarks: np.ndarray) -> np.ndarray:
     """Rotation `(3, 3)` whose rows are the canonical x, y, z axes in scan coordinates.
 
     Args:
-        landmarks: `(68, 3)` iBUG landmarks of the scan, in `_LANDMARK_GROUPS` order.
+        landmarks: `(68, 3)` iBUG landmarks of the scan, in `LANDMARK_GROUPS` order.
     """
-    g = {k: landmarks[s] for k, s in _LANDMARK_GROUPS.items()}
+    g = {k: landmarks[s] for k, s in LANDMARK_GROUPS.items()}
     x = g["reye"].mean(0) - g["leye"].mean(0)  # "reye" is the eye on the image's right
     up = (g["leye"].mean(0) + g["reye"].mean(0)) / 2 - g["mouth"].mean(0)
     x /= np.linalg.norm(x)

@@ -380,6 +380,25 @@ def with_pose(params: SceneParams, yaw: float, pitch: float, roll: float) -> Sce
     return dataclasses.replace(params, draw=draw, yaw=float(yaw), pitch=float(pitch), roll=float(roll))
 
 
+# Face parts as unions of iBUG landmark groups (`render.LANDMARK_GROUPS`); each is symmetric under
+# left-right mirroring, so a mirrored scene's part is the mirrored box of the same name.
+FACE_PARTS = {"face": ("chin", "leye", "reye", "leyebrow", "nose", "reyebrow", "mouth"),
+              "eyes": ("leye", "reye"), "nose": ("nose",), "mouth": ("mouth",)}
+
+
+def face_part_boxes(landmarks_camera: np.ndarray, fov_deg: float) -> dict[str, list[float]]:
+    """Relative image boxes `(x0, y0, x1, y1)` of the face parts, from the head's 68 landmarks in
+    the camera frame: the box around each part's projected landmarks (self-occluded ones too, so a
+    part's box is a geometric fact of the pose, not of what the renderer happened to show)."""
+    xy = R.project(np.asarray(landmarks_camera, np.float64), fov_deg)
+    out = {}
+    for name, groups in FACE_PARTS.items():
+        pts = np.concatenate([xy[R.LANDMARK_GROUPS[g]] for g in groups])
+        lo, hi = np.clip(pts.min(0), 0.0, 1.0), np.clip(pts.max(0), 0.0, 1.0)
+        out[name] = [float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])]
+    return out
+
+
 class SceneRenderer:
     """Renders scenes of one domain at one size; cheap to call in a training loop.
 
@@ -415,9 +434,11 @@ class SceneRenderer:
         head = params.draw.instances[0]
         Rm = np.asarray(head.rotation)
         t = np.asarray(head.translation)
+        mesh = R.load_head_mesh()
         meta = dict(params.meta, domain=params.domain, head_pixels=head_pixels,
-                    nose_xy=[float(v) for v in R.project(Rm @ R.load_head_mesh().nose_tip + t, params.draw.fov_deg)],
-                    center_xy=[float(v) for v in R.project(t, params.draw.fov_deg)])
+                    nose_xy=[float(v) for v in R.project(Rm @ mesh.nose_tip + t, params.draw.fov_deg)],
+                    center_xy=[float(v) for v in R.project(t, params.draw.fov_deg)],
+                    parts=face_part_boxes(mesh.landmarks @ Rm.T + t, params.draw.fov_deg))
         return Scene(image, tuple(float(v) for v in box), params.yaw, params.pitch, params.roll,
                      objects, meta, ids)
 

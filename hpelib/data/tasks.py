@@ -103,6 +103,17 @@ def task_box_object(scene, rng, decimals: int = 0) -> Sample | None:
     return _box_sample(scene, o["name"], o["box"], "object")
 
 
+def task_part(scene, rng, decimals: int = 0) -> Sample | None:
+    """Grounding of one face part (`face`, `eyes`, `nose`, `mouth`: `synth.FACE_PARTS`), as a
+    referring-expression grounding model does; the answer is a box, never an angle."""
+    parts = (_get(scene, "meta", {}) or {}).get("parts")
+    if not parts:
+        return None
+    names = sorted(parts)
+    name = names[rng.integers(len(names))]
+    return _box_sample(scene, name, parts[name], "part")
+
+
 def task_box(scene, rng, decimals: int = 0) -> Sample | None:
     """Grounding: the head in half the samples, an object in the other half (when any)."""
     if rng.random() < 0.5:
@@ -157,6 +168,7 @@ TASKS: dict[str, Callable[..., Sample | None]] = {
     "box": task_box,
     "box_head": task_box_head,
     "box_object": task_box_object,
+    "box_part": task_part,
     "orient": task_orient,
     "colour": task_colour,
     "count": task_count,
@@ -222,6 +234,8 @@ def mirror_scene(scene) -> SimpleNamespace:
         o.pop("rotation", None)
         objects.append(o)
     meta = dict(_get(scene, "meta", {}) or {}, mirrored=True)
+    if meta.get("parts"):  # every part is left-right symmetric: its mirror is the same part
+        meta["parts"] = {k: [1.0 - b[2], b[1], 1.0 - b[0], b[3]] for k, b in meta["parts"].items()}
     flip = lambda a: 0.0 - float(a)  # noqa: E731  (0.0 - 0.0 keeps +0.0)
     return SimpleNamespace(image=np.ascontiguousarray(_get(scene, "image")[:, ::-1]),
                            box=(1.0 - x1, y0, 1.0 - x0, y1), yaw=flip(_get(scene, "yaw")),
@@ -300,6 +314,7 @@ def eval_set(renderer, tasks: Iterable[str] | dict[str, int], n: int = 64, seed:
 
 
 # --------------------------------------------------------------------------- vocabulary
+PART_WORDS = ("face", "eyes", "nose", "mouth")
 SHAPE_WORDS = ("cube", "sphere", "cone", "cylinder", "torus")
 COLOUR_WORDS = ("red", "green", "blue", "yellow", "orange", "purple", "white", "black", "cyan", "magenta",
                 "pink", "brown", "grey", "gray")
@@ -316,7 +331,7 @@ def corpus() -> list[str]:
     except Exception:
         pass
     texts = [prompts.HPE_PROMPT, prompts.grounding_prompt(HEAD), COUNT_PROMPT, "tilt:0 depth:0",
-             "yaw:0 pitch:0 roll:0"]
+             "yaw:0 pitch:0 roll:0"] + [prompts.grounding_prompt(p) for p in PART_WORDS]
     for s in shapes:
         texts += [f"What colour is the {s}?"]
         for c in colours:

@@ -1,0 +1,41 @@
+"""What a tiny base answers on each curriculum task: exact-match rate and its most common answers.
+
+    python scripts/base_skills.py data/cache/base-<key>/model [--n 40]
+
+A base that answers one constant per task (docs/tiny_backend.md) has learned nothing but its
+grounding; this prints the evidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+import numpy as np
+
+from hpelib import evaluate, train
+from hpelib.backends.tiny import TinyBackend
+from hpelib.config import make_config
+from hpelib.data import tasks
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("base_dir")
+    p.add_argument("--n", type=int, default=40, help="held-out samples per task")
+    a = p.parse_args()
+    config = make_config("default")
+    names = ("colour", "count", "orient", "box_object", "box_head")
+    samples = tasks.eval_set(train.make_renderer(config), {t: a.n for t in names}, seed=config.seed)
+    answers = evaluate.generate_answers(TinyBackend.load(a.base_dir), samples, batch_size=40)
+    by_task = collections.defaultdict(list)
+    for s, ans in zip(samples, answers):
+        by_task[s.meta.get("target_kind") and f"box_{s.meta['target_kind']}" or s.task].append((s.answer, ans))
+    for task, pairs in by_task.items():
+        exact = np.mean([truth == ans for truth, ans in pairs])
+        common = collections.Counter(ans for _, ans in pairs).most_common(3)
+        print(f"{task:11s} exact {exact:4.0%}  most common answers {common}")
+
+
+if __name__ == "__main__":
+    main()
