@@ -54,7 +54,7 @@ def _one_of(name: str, value: Any, allowed: tuple) -> None:
 class DataConfig:
     """SynthHeads rendering and the optional real datasets (`00_prepare_data`)."""
 
-    image_size: int = 128  # px; 128 keeps 16x16 patches of 8 px and ~700 renders/s on 2 cores
+    image_size: int = 128  # px; the tiny VLM sees 8 x 8 patches of 16 px (16 image tokens); ~700 renders/s on 2 cores
     n_train: int = 4000  # synth-train scenes on disk (training also renders fresh ones on the fly)
     n_test: int = 300  # scenes per test domain: +-2.5 deg standard error on a ~25 deg MAE
     train_domain: str = "synth-train"
@@ -146,15 +146,19 @@ class LoraConfig:
     target_vision: bool = True  # and on the vision tower, as CogVLM's own LoRA demo does
     adapters: dict[str, float] = field(default_factory=lambda: {"hpe": 0.0, "hpe_rehearsal": 0.2})
     # adapter name -> rehearsal ratio: the fraction of grounding samples in each batch
-    # 3 CPU minutes per adapter keeps the default run near 30 min (docs/tiny_backend.md); a LoRA on
-    # a from-scratch toy model takes a larger step than one on pretrained weights (gpu profile: 1e-4)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(minutes=3.0, lr=2e-3, warmup_steps=20,
+    workers: int = 2  # adapters trained at once, each in its own process with its share of the CPU
+    # threads (hpelib.parallel); 1: one after another in the notebook's process (the GPU profiles)
+    # 3.5 min per adapter, the two side by side on one core each (~150 steps, what 3 min on both
+    # cores gave one adapter), keeps the default run within 30 min (README "Time"); a LoRA on a
+    # from-scratch toy model takes a larger step than one on pretrained weights (gpu profile: 1e-4)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(minutes=3.5, lr=2e-3, warmup_steps=20,
                                                                    eval_every=50))
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
             self.train = _build_section("train", TrainConfig, self.train)
         _positive_int("rank", self.rank)
+        _positive_int("workers", self.workers)
         _positive("alpha", self.alpha)
         _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
         _check(self.target_language or self.target_vision, "target_language/target_vision",
@@ -220,9 +224,10 @@ class BaselineConfig:
 class EvalConfig:
     """`05_evaluate`: how many samples, how answers are generated and scored."""
 
-    n_samples: int = 100  # scenes per domain (at most data.n_test), each asked 2-3 prompts; 11 variants x 3 domains
-    # x 300 prompts keeps generation near 5 CPU minutes
+    n_samples: int = 100  # scenes per domain (at most data.n_test), each asked 2-3 prompts: 11 variants x 3
+    # domains x ~275 prompts, ~3 min of generation with two workers on 2 cores
     batch_size: int = 32
+    workers: int = 2  # variants evaluated at once, each worker process with its share of the CPU threads
     max_new_tokens: int | None = None  # None: 1.5 x the longest reference answer in the backend's tokens, + 1
     invalid_penalty_deg: float = 90.0  # MAE_all: an invalid answer counts as this error per angle
     max_abs_angle: float = 99.0  # AFLW2000 protocol: drop test samples with any |angle| above
@@ -230,6 +235,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _positive_int("n_samples", self.n_samples)
         _positive_int("batch_size", self.batch_size)
+        _positive_int("workers", self.workers)
         if self.max_new_tokens is not None:
             _positive_int("max_new_tokens", self.max_new_tokens)
         _positive("invalid_penalty_deg", self.invalid_penalty_deg)
@@ -245,7 +251,9 @@ class Config:
     angle_decimals: int = 0  # decimals of the angles in answers (integer degrees by default)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    base: TrainConfig = field(default_factory=TrainConfig)
+    # 16 min: ~1050 steps on 2 quiet cores; head grounding emerges between steps 750 and 1000
+    # (docs/tiny_backend.md), and the whole default run then fits in 30 min
+    base: TrainConfig = field(default_factory=lambda: TrainConfig(minutes=16.0))
     lora: LoraConfig = field(default_factory=LoraConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -317,6 +325,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # docs/real_backends.md: -p model.backend cogvlm, its own environment, batch 4 x accum 8).
     "gpu": {
         "model.backend": "qwen2_vl",
+        "lora.workers": 1,  # one GPU: one adapter, one evaluation at a time
+        "eval.workers": 1,
         "model.model_id": "Qwen/Qwen2-VL-2B-Instruct",
         "model.dtype": "bfloat16",  # bf16 weights and activations: half the memory of fp32, no loss scaling
         "model.device": "auto",  # cuda when present; the same profile still runs (slowly) on a CPU
@@ -343,6 +353,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # Left empty, 00_prepare_data stops and names the parameter to set.
     "real": {
         "model.backend": "qwen2_vl",
+        "lora.workers": 1,  # one GPU: one adapter, one evaluation at a time
+        "eval.workers": 1,
         "model.model_id": "Qwen/Qwen2-VL-2B-Instruct",
         "model.dtype": "bfloat16",
         "model.device": "auto",

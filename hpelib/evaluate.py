@@ -764,30 +764,78 @@ def load_variant(base: Any, row: Mapping[str, Any]) -> Any:
 
 def evaluate_run(base: Any, variants: pd.DataFrame, samples_by_domain: Mapping[str, Sequence[Any]], config: Any,
                  tables_dir: str | os.PathLike | None = None, progress: bool = True) -> tuple[dict[str, float], pd.DataFrame]:
-    """Evaluate every variant of a run the same way (`evaluate_variant`), one after another.
+    """Evaluate every variant of a run the same way (`evaluate_variant`).
+
+    With `eval.workers` > 1 the variants are evaluated side by side in worker processes
+    (`hpelib.parallel`), each loading the base once (`train.load_base(config)`); the answers are
+    the same greedy answers up to float rounding between thread counts.
 
     Args:
-        base: the run's base backend.
+        base: the run's base backend (used in this process when `eval.workers` is 1).
         variants: `run_variants(run_dir)` (or a subset of its rows).
         samples_by_domain: `test_samples(...)`.
         config: the run's `Config` (its `eval` section sets batch size, tokens, penalty, protocol).
-        tables_dir: where each variant's per-sample table is written (`<variant>.csv`), if given.
+        tables_dir: where each variant's per-sample table is written (`<variant>.csv`) as soon as
+            it is scored, if given.
 
     Returns:
-        `(metrics, table)`: every variant's flat metrics, and all per-sample tables concatenated.
+        `(metrics, table)`: every variant's flat metrics, and all per-sample tables concatenated
+        (in the order of `variants`).
     """
-    e = config.eval
-    metrics: dict[str, float] = {}
-    tables = []
-    for row in variants.to_dict("records"):
-        backend = load_variant(base, row)
-        m, t = evaluate_variant(backend, samples_by_domain, row["variant"], e.batch_size, e.max_new_tokens,
-                                e.invalid_penalty_deg, e.max_abs_angle, progress)
-        metrics.update(m)
-        tables.append(t)
+    rows = {row["variant"]: row for row in variants.to_dict("records")}
+    results: dict[str, tuple[dict[str, float], pd.DataFrame]] = {}
+
+    def keep(name: str, result: tuple[dict[str, float], pd.DataFrame]) -> None:
+        results[name] = result
         if tables_dir is not None:
-            save_table(t, Path(tables_dir) / f"{safe_name(row['variant'])}.csv")
+            save_table(result[1], Path(tables_dir) / f"{safe_name(name)}.csv")
+
+    if config.eval.workers > 1 and len(rows) > 1:
+        from tqdm.auto import tqdm
+
+        from hpelib import parallel
+
+        with tqdm(total=len(rows), desc="variants", unit="variant", disable=not progress) as bar:
+            def done(name, result):
+                keep(name, result)
+                bar.set_postfix_str(name)
+                bar.update(1)
+
+            # the samples (images) reach the workers through a file: a spawned worker's start-up
+            # arguments travel through a pipe, and tens of MB there would block if a worker died
+            with parallel.pickled(dict(samples_by_domain)) as samples_file:
+                parallel.run_jobs(_evaluate_variant_job, {name: {"row": row} for name, row in rows.items()},
+                                  config.eval.workers, initializer=_init_evaluation_worker,
+                                  initargs=(config, str(samples_file)), on_done=done)
+    else:
+        for name, row in rows.items():
+            keep(name, _evaluate_one(base, row, samples_by_domain, config, progress))
+    metrics: dict[str, float] = {}
+    for name in rows:
+        metrics.update(results[name][0])
+    tables = [results[name][1] for name in rows]
     return metrics, pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def _evaluate_one(base: Any, row: Mapping[str, Any], samples_by_domain: Mapping[str, Sequence[Any]], config: Any,
+                  progress: bool) -> tuple[dict[str, float], pd.DataFrame]:
+    e = config.eval
+    return evaluate_variant(load_variant(base, row), samples_by_domain, row["variant"], e.batch_size,
+                            e.max_new_tokens, e.invalid_penalty_deg, e.max_abs_angle, progress)
+
+
+_WORKER: dict[str, Any] = {}  # an evaluation worker's base, samples and config (`_init_evaluation_worker`)
+
+
+def _init_evaluation_worker(config: Any, samples_file: str) -> None:
+    from hpelib import parallel
+    from hpelib.train import load_base
+
+    _WORKER.update(base=load_base(config), samples=parallel.unpickle(samples_file), config=config)
+
+
+def _evaluate_variant_job(row: Mapping[str, Any]) -> tuple[dict[str, float], pd.DataFrame]:
+    return _evaluate_one(_WORKER["base"], row, _WORKER["samples"], _WORKER["config"], progress=False)
 
 
 def reference_metrics(metrics: Mapping[str, Any], datasets: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:

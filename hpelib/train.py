@@ -43,7 +43,7 @@ from hpelib import io, paths, prompts
 from hpelib.backends.base import Backend, Sample, get_backend_class
 from hpelib.config import Config, TrainConfig, make_config
 from hpelib.data import tasks
-from hpelib.evaluate import box_iou
+from hpelib.evaluate import box_iou, generate_answers
 from hpelib.geometry import angle_difference
 
 MIN_LR_FRACTION = 0.05  # the cosine ends at 5 % of the peak learning rate, not 0
@@ -54,11 +54,13 @@ LATEST = "latest_checkpoint.txt"
 HISTORY_CSV = "history.csv"
 LOSS_PNG = "loss.png"
 DONE = "training_done.json"
+STATUS_JSON = "status.json"  # step, total, loss, elapsed_s: rewritten every step, for watchers of a run
 BASE_VERSION = 2  # bump when base training code changes what a cached base is (2: Qwen3-VL tiny)
 
 # the base's held-out tasks (heads and objects separately) and the LoRA stage's
 BASE_EVAL_TASKS = ("box_head", "box_object")
 LORA_EVAL_TASKS = ("hpe", "box_head", "box_object")
+BOX_TASKS = ("hpe", "box", "box_head", "box_object", "box_part")  # answers that carry a box: scored by IoU
 
 
 # ------------------------------------------------------------------------------------ schedule
@@ -105,24 +107,23 @@ def summarize(table: pd.DataFrame) -> dict[str, float]:
     out: dict[str, float] = {}
     for task, g in table.groupby("task"):
         out[f"{task}/valid_rate"] = float(g["valid"].mean())
-        if task in ("hpe", "box", "box_head", "box_object"):
+        if task in BOX_TASKS:
             out[f"{task}/acc50"] = float((g["iou"].fillna(0.0) >= 0.5).mean())
         if task == "hpe":
             for k in ("yaw", "pitch", "roll"):
                 out[f"hpe/mae_{k}"] = float(g[f"err_{k}"].mean())
             out["hpe/mae_mean"] = float(np.mean([out[f"hpe/mae_{k}"] for k in ("yaw", "pitch", "roll")]))
-        if task not in ("hpe", "box", "box_head", "box_object"):
+        if task not in BOX_TASKS:
             out[f"{task}/exact"] = float(g["valid"].mean())
     out["valid_rate"] = float(table["valid"].mean()) if len(table) else float("nan")
     return out
 
 
 def evaluate_samples(backend: Backend, samples: Sequence[Sample], batch_size: int = 32,
-                     max_new_tokens: int = 40) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Generate answers for `samples` and score them: `(table, metrics)` (see `summarize`)."""
-    answers: list[str] = []
-    for i in range(0, len(samples), batch_size):
-        answers += backend.generate(list(samples[i:i + batch_size]), max_new_tokens=max_new_tokens)
+                     max_new_tokens: int | None = None) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Generate answers for `samples` (`evaluate.generate_answers`: batched by task, the token cap
+    sized to the reference answers when None) and score them: `(table, metrics)` (see `summarize`)."""
+    answers = generate_answers(backend, samples, batch_size, max_new_tokens, progress=False)
     table = score_answers(samples, answers)
     return table, summarize(table)
 
@@ -319,6 +320,9 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
         state.history.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
+        if is_main:
+            io.write_json(out_dir / STATUS_JSON, {"step": state.step, "total": state.total_steps or train.max_steps,
+                                                  "loss": row["loss"], "elapsed_s": row["elapsed_s"]})
         if is_main and (state.step % train.checkpoint_every == 0 or last):
             save_checkpoint(out_dir, accelerator.unwrap_model(model), optimizer, state)
             write_history(out_dir, state.history)
@@ -414,7 +418,8 @@ def base_cache_dir(config: Config) -> Path:
 
 def base_eval_set(config: Config, n: int | None = None) -> list[Sample]:
     """Held-out grounding samples (heads and objects) of the training domain."""
-    return tasks.eval_set(make_renderer(config), BASE_EVAL_TASKS, n or config.base.eval_samples, seed=config.seed,
+    names = BASE_EVAL_TASKS + (("box_part",) if tasks.BASE_MIX.get("box_part") else ())
+    return tasks.eval_set(make_renderer(config), names, n or config.base.eval_samples, seed=config.seed,
                           decimals=config.angle_decimals)
 
 
@@ -588,18 +593,56 @@ def train_adapters(config: Config, run_dir: str | os.PathLike, progress: bool = 
     An adapter whose folder already holds a finished adapter trained with the same settings is
     reused; an interrupted one resumes from its checkpoint.
 
+    With `lora.workers` > 1 the adapters train side by side, each in its own process with its
+    share of the CPU threads (`hpelib.parallel`); each still gets `lora.train.minutes`, so the
+    stage takes about one adapter's budget instead of their sum. One progress bar per adapter
+    follows the `status.json` each training writes.
+
     Returns:
         `(summary, histories)`: one row per adapter (rehearsal ratio, steps, minutes, final
         held-out metrics), and each adapter's training history.
     """
     base_dir = base_model_dir(config) if config.model.backend == "tiny" else Path(config.model.model_id)
-    rows, histories = [], {}
-    for name, ratio in config.lora.adapters.items():
-        out = Path(run_dir) / paths.ADAPTERS_DIR / name
-        _, history = train_lora(config, base_dir, name, ratio, out, progress=progress)
-        histories[name] = history
-        rows.append(io.read_json(out / "metrics.json"))
+    outs = {name: Path(run_dir) / paths.ADAPTERS_DIR / name for name in config.lora.adapters}
+    jobs = {name: dict(config=config, base_dir=base_dir, adapter_name=name, rehearsal_ratio=ratio, out_dir=outs[name])
+            for name, ratio in config.lora.adapters.items()}
+    if config.lora.workers > 1 and len(jobs) > 1:
+        histories = _train_in_parallel(jobs, config.lora.workers, progress)
+    else:
+        histories = {name: train_lora(**job, progress=progress)[1] for name, job in jobs.items()}
+    rows = [io.read_json(outs[name] / "metrics.json") for name in jobs]
     return pd.DataFrame(rows), histories
+
+
+def _adapter_job(**job) -> pd.DataFrame:
+    """`train_lora` in a worker process: only the history comes back (the adapter is on disk)."""
+    return train_lora(**job, progress=False)[1]
+
+
+def _train_in_parallel(jobs: dict[str, dict], workers: int, progress: bool) -> dict[str, pd.DataFrame]:
+    from tqdm.auto import tqdm
+
+    from hpelib import parallel
+
+    bars = {name: tqdm(total=jobs[name]["config"].lora.train.max_steps, desc=f"lora {name}", position=i,
+                       disable=not progress, dynamic_ncols=True) for i, name in enumerate(jobs)}
+
+    def poll(states: dict[str, str]) -> None:
+        for name, bar in bars.items():
+            status = jobs[name]["out_dir"] / "training" / STATUS_JSON
+            try:
+                st = io.read_json(status)
+            except (FileNotFoundError, ValueError):  # not started yet, or mid-rename
+                continue
+            bar.total, bar.n = st["total"], st["step"]
+            bar.set_postfix(loss=f"{st['loss']:.3f}", state=states[name], refresh=False)
+            bar.refresh()
+
+    try:
+        return parallel.run_jobs(_adapter_job, jobs, workers, on_poll=poll)
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 def plot_histories(histories: dict[str, pd.DataFrame]):

@@ -218,3 +218,49 @@ def test_accelerate_launch_runs_two_processes_of_lora(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     history = pd.read_csv(tmp_path / "adapter" / "history.csv")
     assert history["step"].tolist() == [1, 2]
+
+
+@pytest.mark.usefixtures("data_dir")
+def test_adapters_and_evaluation_in_worker_processes_match_one_process(tmp_path):
+    """`lora.workers` / `eval.workers` 2 give what one process gives with the same thread count."""
+    from hpelib import evaluate, parallel
+
+    threads = parallel.worker_threads(2)
+    steps = {"lora.train.max_steps": 3, "lora.train.eval_every": 3, "lora.train.eval_samples": 2}
+    config = make_config("smoke", {**steps, "lora.workers": 2, "eval.workers": 2})
+    serial = make_config("smoke", {**steps, "lora.workers": 1, "eval.workers": 1})
+    TinyBackend.build(config, spec=MICRO, seed=0).save(train.base_model_dir(config))
+    (train.base_cache_dir(config) / train.DONE).write_text("{}")
+
+    summary, histories = train.train_adapters(config, tmp_path / "parallel", progress=False)
+    assert list(summary["adapter"]) == ["hpe", "hpe_rehearsal"] and set(histories) == {"hpe", "hpe_rehearsal"}
+    status = train.io.read_json(tmp_path / "parallel" / "adapters" / "hpe" / "training" / train.STATUS_JSON)
+    assert status["step"] == status["total"] == 3
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref_summary, ref_histories = train.train_adapters(serial, tmp_path / "serial", progress=False)
+        for name in ("hpe", "hpe_rehearsal"):
+            np.testing.assert_allclose(histories[name]["loss"], ref_histories[name]["loss"], rtol=1e-5)
+        from safetensors.torch import load_file
+
+        for name in ("hpe", "hpe_rehearsal"):
+            a = load_file(tmp_path / "parallel" / "adapters" / name / "adapter_model.safetensors")
+            b = load_file(tmp_path / "serial" / "adapters" / name / "adapter_model.safetensors")
+            assert a.keys() == b.keys()
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], msg=k)
+
+        variants = evaluate.run_variants(tmp_path / "serial")
+        samples = {"synth-train": train.lora_eval_set(config, 2)}
+        base = train.load_base(config)
+        m_par, t_par = evaluate.evaluate_run(base, variants, samples, config, tmp_path / "eval", progress=False)
+        m_ser, t_ser = evaluate.evaluate_run(base, variants, samples, serial, progress=False)
+    finally:
+        torch.set_num_threads(old)
+    assert list(variants["variant"]) == ["base", "lora:hpe", "lora:hpe_rehearsal"]
+    assert m_par.keys() == m_ser.keys() and "lora:hpe/synth-train/valid_rate" in m_par
+    np.testing.assert_allclose([m_par[k] for k in m_ser], [m_ser[k] for k in m_ser], equal_nan=True)
+    assert list(t_par["answer"]) == list(t_ser["answer"])
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["base.csv", "lora:hpe.csv",
+                                                                   "lora:hpe_rehearsal.csv"]
