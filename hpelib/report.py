@@ -116,7 +116,8 @@ def training_summary(metrics: dict[str, Any], duration_s: float | None = None) -
     parts = [f"{stage} {int(metrics[f'train/{stage}/steps'])} steps"
              + (f" in {metrics[f'train/{stage}/minutes']:.1f} min" if f"train/{stage}/minutes" in metrics else "")
              for stage in stages]
-    total = f"; whole run {duration_s / 60:.0f} min" if duration_s else ""
+    # a base or CNN taken from its cache counts only its loading here, its training above
+    total = f"; the run's notebooks took {duration_s / 60:.0f} min" if duration_s else ""
     return ("Training: " + ", ".join(parts) + total + ".\n") if parts else ""
 
 

@@ -379,7 +379,7 @@ def test_training_summary_names_every_stage_steps_and_minutes():
                              "train/lora:hpe/steps": 33, "train/lora:hpe/minutes": 7.5,
                              "train/cnn6d@budget/steps": 900, "base/synth-aflw/mae_mean": 30.0}, 3000)
     assert line == ("Training: base 124 steps in 14.3 min, lora:hpe 33 steps in 7.5 min, "
-                    "cnn6d@budget 900 steps; whole run 50 min.\n")
+                    "cnn6d@budget 900 steps; the run's notebooks took 50 min.\n")
     assert training_summary({"base/synth-aflw/mae_mean": 30.0}) == ""
 
 
