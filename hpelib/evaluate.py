@@ -200,7 +200,7 @@ def generate_answers(backend: Any, samples: Sequence[Any], batch_size: int = 32,
     Args:
         backend: anything with `generate(samples, max_new_tokens) -> list[str]` (an
             `hpelib.backends.base.Backend`: greedy, KV cache on).
-        samples: `hpelib.backends.base.Sample`s; their `answer` is ignored.
+        samples: `hpelib.backends.base.Sample`s; their `answer` only sizes the token cap (below).
         batch_size: samples per `generate` call.
         max_new_tokens: the generation cap; None: `answer_token_budget(backend, samples)`.
 
