@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,8 +43,6 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy `src` onto `dst` through a temporary name (a reader never sees half a file)."""
-    import shutil
-
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
     return Path(dst)

@@ -399,7 +399,7 @@ def make_renderer(config: Config, domain: str | None = None):
 
 def base_key(config: Config) -> str:
     """Hash of what defines the base: model, base training, image size, training domain, seed,
-    curriculum and backend sizes. Changing anything else (LoRA, merges, test sets) reuses it."""
+    curriculum, the tokenizer's corpus and backend sizes. Changing anything else (LoRA, merges, test sets) reuses it."""
     spec = {}
     if config.model.backend == "tiny":
         from hpelib.backends.tiny import TinySpec
@@ -407,7 +407,9 @@ def base_key(config: Config) -> str:
         spec = dataclasses.asdict(TinySpec())
     payload = {"model": dataclasses.asdict(config.model), "base": dataclasses.asdict(config.base),
                "image_size": config.data.image_size, "domain": config.data.train_domain, "seed": config.seed,
-               "mix": tasks.BASE_MIX, "spec": spec, "version": BASE_VERSION}
+               "mix": tasks.BASE_MIX, "spec": spec, "version": BASE_VERSION,
+               # the tiny tokenizer is built from the task corpus: new words are a new base
+               "corpus": hashlib.sha256("\n".join(tasks.corpus()).encode()).hexdigest()[:12]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import collections
 
-import numpy as np
-
 from hpelib import evaluate, train
 from hpelib.backends.tiny import TinyBackend
 from hpelib.config import make_config
@@ -28,12 +26,10 @@ def main() -> None:
     names = ("colour", "count", "orient", "box_object", "box_head")
     samples = tasks.eval_set(train.make_renderer(config), {t: a.n for t in names}, seed=config.seed)
     answers = evaluate.generate_answers(TinyBackend.load(a.base_dir), samples, batch_size=40)
-    by_task = collections.defaultdict(list)
-    for s, ans in zip(samples, answers):
-        by_task[s.meta.get("target_kind") and f"box_{s.meta['target_kind']}" or s.task].append((s.answer, ans))
-    for task, pairs in by_task.items():
-        exact = np.mean([truth == ans for truth, ans in pairs])
-        common = collections.Counter(ans for _, ans in pairs).most_common(3)
+    table = train.score_answers(samples, answers)  # names box tasks by target kind (box_head, box_object)
+    for task, g in table.groupby("task", sort=False):
+        exact = (g["answer"].str.strip() == g["truth"].str.strip()).mean()
+        common = collections.Counter(g["answer"]).most_common(3)
         print(f"{task:11s} exact {exact:4.0%}  most common answers {common}")
 
 
