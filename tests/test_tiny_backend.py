@@ -98,6 +98,22 @@ def test_encode_puts_the_loss_on_answer_tokens_only(backend):
     assert (batch["labels"] == -100).any()  # padded labels are ignored
 
 
+def test_fast_encode_gives_the_processors_tensors(backend):
+    """The tiny backend's cached-prompt, direct-patch encoding equals the processor path, with and
+    without an answer, on a first and a repeated prompt; an image of another size is resized by the
+    processor as before."""
+    from hpelib.backends.qwen2_vl import Qwen2VLBackend
+
+    samples = random_samples(4) + [Sample(random_samples(1, seed=1)[0].image, prompts.HPE_PROMPT, None, "hpe")]
+    odd = Sample(random_samples(1, size=96)[0].image, prompts.HPE_PROMPT, "yaw:1 pitch:2 roll:3", "hpe")
+    for s in samples + [odd]:
+        fast, slow = backend.encode(s), Qwen2VLBackend.encode(backend, s)
+        assert fast.keys() == slow.keys()
+        for key in slow:
+            assert fast[key].dtype == slow[key].dtype and torch.equal(fast[key], slow[key]), key
+    assert set(backend._prompt_inputs) == {prompts.HPE_PROMPT, prompts.grounding_prompt("red cube")}
+
+
 def test_a_few_steps_lower_the_loss(backend):
     batch = backend.collate([backend.encode(s) for s in random_samples(4)])
     opt = torch.optim.AdamW(backend.model.parameters(), lr=5e-3)

@@ -178,13 +178,20 @@ class Qwen2VLBackend(Backend):
             "image_grid_thw": inputs["image_grid_thw"],
         }
         if sample.answer is not None:
-            answer = self.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [self.end_id]
-            answer = torch.tensor(answer, dtype=torch.long)
-            n_prompt = out["input_ids"].numel()
-            out["input_ids"] = torch.cat([out["input_ids"], answer])
-            out["attention_mask"] = torch.cat([out["attention_mask"], torch.ones_like(answer)])
-            out["mm_token_type_ids"] = torch.cat([out["mm_token_type_ids"], torch.zeros_like(answer)])
-            out["labels"] = torch.cat([torch.full((n_prompt,), -100, dtype=torch.long), answer])
+            out = self.append_answer(out, sample.answer)
+        return out
+
+    def append_answer(self, prompt_inputs: dict[str, torch.Tensor], answer: str) -> dict[str, torch.Tensor]:
+        """`prompt_inputs` with the answer's tokens and `<|im_end|>` after the prompt, and `labels`
+        (-100 on the prompt)."""
+        ids = torch.tensor(self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.end_id],
+                           dtype=torch.long)
+        out = dict(prompt_inputs)
+        n_prompt = out["input_ids"].numel()
+        out["input_ids"] = torch.cat([out["input_ids"], ids])
+        out["attention_mask"] = torch.cat([out["attention_mask"], torch.ones_like(ids)])
+        out["mm_token_type_ids"] = torch.cat([out["mm_token_type_ids"], torch.zeros_like(ids)])
+        out["labels"] = torch.cat([torch.full((n_prompt,), -100, dtype=torch.long), ids])
         return out
 
     def collate(self, encoded: list[dict[str, torch.Tensor]], padding_side: str = "right") -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -167,6 +168,7 @@ class TinyBackend(Qwen2VLBackend):
         self.spec = spec
         self.image_processor = processor.image_processor
         self.num_image_tokens = spec.num_image_tokens(self.image_size)
+        self._prompt_inputs: dict[str, dict[str, torch.Tensor]] = {}  # prompt -> its token rows (encode)
 
     @property
     def image_size(self) -> int:
@@ -217,6 +219,29 @@ class TinyBackend(Qwen2VLBackend):
         self.processor.save_pretrained(path)
         (path / BACKEND_FILE).write_text(json.dumps({"spec": dataclasses.asdict(self.spec)}, indent=2))
         return path
+
+    # ---- data -------------------------------------------------------------------------------
+    def encode(self, sample) -> dict[str, torch.Tensor]:
+        """The `qwen2_vl` backend's encoding, computed in a quarter of the time: every image has the
+        model's size, so a prompt's token rows (image tokens included) are the same for any image and
+        are cached per prompt, and the image is cut into patches with the image processor's own
+        `patchify` (same tensors as the processor's, tested). A prompt batch on 2 cores spent a
+        quarter of each training step in the processor before."""
+        image = np.asarray(sample.image, dtype=np.uint8)[..., :3]
+        ip = self.image_processor
+        if image.shape[:2] != (self.image_size, self.image_size):  # the processor resizes it
+            return super().encode(sample)
+        cached = self._prompt_inputs.get(sample.prompt)
+        if cached is None:
+            inputs = super().encode(dataclasses.replace(sample, answer=None))
+            cached = self._prompt_inputs[sample.prompt] = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        pixels = ip.normalize(ip.rescale(image.transpose(2, 0, 1), ip.rescale_factor), ip.image_mean, ip.image_std)
+        patches, _, _ = ip.patchify(pixels, patch_size=ip.patch_size, merge_size=ip.merge_size,
+                                    temporal_patch_size=ip.temporal_patch_size)
+        out = {**cached, "pixel_values": torch.from_numpy(np.ascontiguousarray(patches))}
+        if sample.answer is not None:
+            out = self.append_answer(out, sample.answer)
+        return out
 
     # ---- LoRA -------------------------------------------------------------------------------
     def lora_target_modules(self, language: bool = True, vision: bool = True) -> str:
