@@ -30,6 +30,9 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +44,7 @@ import torch
 
 from hpelib import io, paths, prompts
 from hpelib.backends.base import Backend, Sample, get_backend_class
-from hpelib.config import Config, TrainConfig, make_config
+from hpelib.config import Config, TrainConfig, config_from_dict, make_config
 from hpelib.data import tasks
 from hpelib.evaluate import box_iou, generate_answers
 from hpelib.geometry import angle_difference
@@ -322,7 +325,8 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
         if is_main:
             io.write_json(out_dir / STATUS_JSON, {"step": state.step, "total": state.total_steps or train.max_steps,
-                                                  "loss": row["loss"], "elapsed_s": row["elapsed_s"]})
+                                                  "loss": row["loss"], "elapsed_s": row["elapsed_s"],
+                                                  "processes": accelerator.num_processes})
         if is_main and (state.step % train.checkpoint_every == 0 or last):
             save_checkpoint(out_dir, accelerator.unwrap_model(model), optimizer, state)
             write_history(out_dir, state.history)
@@ -456,14 +460,10 @@ def train_base(config: Config, out_dir: str | os.PathLike | None = None, force: 
     if force and cache.exists():
         shutil.rmtree(cache)
     if not (cache / DONE).exists():
-        backend = cls.build(config)  # a resumed run overwrites these weights from its checkpoint
-        stream = tasks.SampleStream(make_renderer(config), tasks.BASE_MIX, config.base.batch_size,
-                                    seed=config.seed, decimals=config.angle_decimals)
-        history = fit(backend, stream, base_eval_set(config), config.base, work, desc="base", progress=progress)
-        backend.save(cache / "model")
-        final = {k: v for k, v in history.iloc[-1].items() if isinstance(v, (int, float)) and np.isfinite(v)}
-        io.write_json(cache / DONE, {"key": base_key(config), "steps": int(history["step"].iloc[-1]),
-                                     "minutes": float(history["elapsed_s"].iloc[-1]) / 60, "final": final})
+        if config.base.processes > 1:
+            _launch_base(config, progress)
+        else:
+            fit_base(config, progress)
     backend = cls.load(cache / "model", device=str(resolve_device(config)))
     history = pd.read_csv(work / HISTORY_CSV)
     if out_dir is not None:
@@ -474,6 +474,97 @@ def train_base(config: Config, out_dir: str | os.PathLike | None = None, force: 
             if (work / name).exists():
                 shutil.copyfile(work / name, out / name)
     return backend, history
+
+
+def fit_base(config: Config, progress: bool = True) -> None:
+    """Train the tiny base into its cache folder from this process: alone, or as one of the
+    `base.processes` ranks that `_launch_base` starts (rank 0 then writes the model)."""
+    world = world_size()
+    if world != config.base.processes:
+        raise ValueError(f"base.processes is {config.base.processes} but this launch has {world} processes; "
+                         f"the base's cache key holds base.processes, so set it to {world}")
+    cache = base_cache_dir(config)
+    backend = get_backend_class(config.model.backend).build(config)  # a resumed run loads its checkpoint
+    stream = tasks.SampleStream(make_renderer(config), tasks.BASE_MIX, per_process_batch(config.base, "base"),
+                                seed=config.seed, decimals=config.angle_decimals)
+    history = fit(backend, stream, base_eval_set(config), config.base, cache / "training", desc="base",
+                  progress=progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        backend.save(cache / "model")
+        final = {k: v for k, v in history.iloc[-1].items() if isinstance(v, (int, float)) and np.isfinite(v)}
+        io.write_json(cache / DONE, {"key": base_key(config), "steps": int(history["step"].iloc[-1]),
+                                     "processes": world, "minutes": float(history["elapsed_s"].iloc[-1]) / 60,
+                                     "final": final})
+
+
+def world_size() -> int:
+    """Processes of the data-parallel launch this process is part of (`WORLD_SIZE`; 1 outside one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def per_process_batch(train: TrainConfig, section: str) -> int:
+    """This process's share of `train.batch_size` when `world_size()` processes train together."""
+    world = world_size()
+    if train.batch_size % world:
+        raise ValueError(f"{section}.batch_size ({train.batch_size}) must be a multiple of the {world} "
+                         f"data-parallel processes, each takes an equal share")
+    return train.batch_size // world
+
+
+LAUNCH_LOG = "launch.log"  # the data-parallel processes' output, beside their checkpoints
+
+
+def _launch_base(config: Config, progress: bool = True) -> None:
+    """Train the base with `base.processes` data-parallel processes on the CPU's cores, each with
+    its share of the threads (`torchrun`), while a progress bar here follows the
+    `status.json` rank 0 writes. Their output goes to `training/launch.log`; an interrupt stops
+    them (the checkpoints stay, and the next call resumes)."""
+    from tqdm.auto import tqdm
+
+    from hpelib import parallel
+
+    if resolve_device(config).type != "cpu":
+        raise ValueError(f"base.processes is {config.base.processes}: data-parallel base training runs on the "
+                         f"CPU's cores, but model.device resolves to {resolve_device(config)}; set base.processes 1")
+    n = config.base.processes
+    work = base_cache_dir(config) / "training"
+    work.mkdir(parents=True, exist_ok=True)
+    io.write_json(work / "config.json", config.to_dict())
+    threads = parallel.worker_threads(n)
+    # torchrun, not `accelerate launch --cpu --num_processes N`: that starts one process unless an
+    # MPI host file is given (accelerate 1.x); fit's Accelerator finds the ranks torchrun sets
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+           "-m", "hpelib.train", "base",
+           "--config", str(work / "config.json"), "--out", str(work)]
+    env = dict(os.environ, HPE_DATA_DIR=str(paths.data_dir()), OMP_NUM_THREADS=str(threads))
+    bar = tqdm(total=config.base.max_steps, desc=f"base ({n} processes)", disable=not progress, dynamic_ncols=True)
+    with open(work / LAUNCH_LOG, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                time.sleep(1.0)
+                try:
+                    st = io.read_json(work / STATUS_JSON)
+                except (FileNotFoundError, ValueError):  # not started yet, or mid-rename
+                    continue
+                bar.total, bar.n = st["total"], st["step"]
+                bar.set_postfix(loss=f"{st['loss']:.3f}", refresh=False)
+                bar.refresh()
+        except BaseException:  # an interrupt (or any error here) stops the processes, not only this loop
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        finally:
+            bar.close()
+    if proc.returncode != 0 or not (base_cache_dir(config) / DONE).exists():
+        tail = "\n".join((work / LAUNCH_LOG).read_text().splitlines()[-25:])
+        raise RuntimeError(f"data-parallel base training exited with code {proc.returncode} without a finished "
+                           f"base; its log is {work / LAUNCH_LOG}, ending:\n{tail}")
 
 
 def resolve_device(config: Config) -> torch.device:
@@ -521,7 +612,8 @@ def train_lora(config: Config, base_dir: str | os.PathLike, adapter_name: str, r
     backend = cls.load(base_dir, device=str(resolve_device(config)))
     torch.manual_seed(config.lora.train.seed)
     backend.model = get_peft_model(backend.model, lora_config(config, backend), adapter_name=adapter_name)
-    stream = tasks.SampleStream(make_renderer(config), tasks.lora_mix(rehearsal_ratio), config.lora.train.batch_size,
+    stream = tasks.SampleStream(make_renderer(config), tasks.lora_mix(rehearsal_ratio),
+                                per_process_batch(config.lora.train, "lora.train"),
                                 seed=config.lora.train.seed + 1, decimals=config.angle_decimals)
     history = fit(backend, stream, lora_eval_set(config), config.lora.train, out / "training",
                   desc=f"lora {adapter_name}", progress=progress, stop_after_steps=stop_after_steps)
@@ -696,6 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hpelib.train", description=__doc__.split("\n")[0])
     p.add_argument("stage", choices=["base", "lora"])
     p.add_argument("--profile", default="default")
+    p.add_argument("--config", help="a run's config.json (instead of --profile and --set)")
     p.add_argument("--out", required=True, help="output folder (LoRA: the adapter folder)")
     p.add_argument("--base-dir", help="LoRA: the saved base model")
     p.add_argument("--adapter", default="hpe_rehearsal")
@@ -709,7 +802,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides[k] = json.loads(v)
         except json.JSONDecodeError:
             overrides[k] = v
-    config = make_config(args.profile, overrides)
+    if args.config:
+        config = config_from_dict(io.read_json(args.config))
+        if overrides:
+            p.error("--set goes with --profile, not with --config")
+    else:
+        config = make_config(args.profile, overrides)
+    if args.stage == "base" and world_size() > 1:  # one rank of a data-parallel launch
+        fit_base(config, progress=False)
+        return 0
     if args.stage == "base":
         _, history = train_base(config, args.out)
     else:

@@ -208,7 +208,9 @@ def test_accelerate_launch_runs_two_processes_of_lora(tmp_path):
     config = make_config("smoke")
     TinyBackend.build(config, spec=MICRO, seed=0).save(tmp_path / "base")
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--num_processes", "2", "--cpu", "-m", "hpelib.train", "lora",
+    # --multi_gpu, not --cpu: in accelerate 1.x `--cpu --num_processes 2` starts ONE process unless an
+    # MPI host file is given; --multi_gpu starts two torchrun ranks, which run on the CPU here (gloo)
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "-m", "hpelib.train", "lora",
            "--profile", "smoke", "--base-dir", str(tmp_path / "base"), "--out", str(tmp_path / "adapter"),
            "--rehearsal", "0.25", "--set", "lora.train.max_steps=2", "lora.train.eval_every=2",
            "lora.train.eval_samples=2"]
@@ -218,6 +220,45 @@ def test_accelerate_launch_runs_two_processes_of_lora(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     history = pd.read_csv(tmp_path / "adapter" / "history.csv")
     assert history["step"].tolist() == [1, 2]
+    assert train.io.read_json(tmp_path / "adapter" / "training" / train.STATUS_JSON)["processes"] == 2
+
+
+@pytest.mark.usefixtures("data_dir")
+def test_base_trains_in_data_parallel_processes_and_reports_their_failure():
+    """`base.processes` 2: two torchrun ranks train the base (each half of the batch); a rank that
+    fails (here on a corrupt checkpoint) surfaces as an error naming the launch log."""
+    config = make_config("smoke", {"base.processes": 2, "base.max_steps": 3, "base.eval_every": 3,
+                                   "base.eval_samples": 2, "base.checkpoint_every": 2})
+    assert train.base_key(config) != train.base_key(make_config("smoke", {"base.max_steps": 3, "base.eval_every": 3,
+                                                                          "base.eval_samples": 2,
+                                                                          "base.checkpoint_every": 2}))
+    work = train.base_cache_dir(config) / "training"
+    corrupt = work / f"{train.CHECKPOINT_PREFIX}0000002"
+    corrupt.mkdir(parents=True)
+    (corrupt / "state.json").write_text("{}")
+    (corrupt / "trainable.safetensors").write_bytes(b"not a safetensors file")
+    (work / train.LATEST).write_text(corrupt.name)
+    with pytest.raises(RuntimeError, match="launch.log"):
+        train.train_base(config, progress=False)
+    assert "safetensors" in (work / train.LAUNCH_LOG).read_text().lower()
+
+    (work / train.LATEST).unlink()
+    backend, history = train.train_base(config, progress=False)
+    assert history["step"].tolist() == [1, 2, 3]
+    assert train.io.read_json(work / train.STATUS_JSON)["processes"] == 2
+    assert train.io.read_json(train.base_cache_dir(config) / train.DONE)["processes"] == 2
+    assert backend.model.config.vision_config.patch_size > 0  # the saved base loads
+
+
+def test_data_parallel_settings_are_checked(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="base.batch_size must be a multiple of processes"):
+        make_config("smoke", {"base.processes": 3})
+    with pytest.raises(ValueError, match="lora.train.processes must be 1"):
+        make_config("smoke", {"lora.train.processes": 2})
+    monkeypatch.setenv("HPE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(train, "resolve_device", lambda config: torch.device("cuda"))
+    with pytest.raises(ValueError, match="set base.processes 1"):
+        train.train_base(make_config("smoke", {"base.processes": 2}), progress=False)
 
 
 @pytest.mark.usefixtures("data_dir")
