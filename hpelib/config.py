@@ -261,11 +261,10 @@ class Config:
     angle_decimals: int = 0  # decimals of the angles in answers (integer degrees by default)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    # ~1300 steps: head grounding emerges between steps 750 and 1000; a base of 928 steps grounded
-    # 86 % of the test heads and its adapters half (README "Time"). 1307 steps took 20 min before the
-    # tiny backend's encoding skipped the processor (a quarter of each step); ~17 min since. Two
-    # data-parallel processes (`processes` 2) were only ~3 % faster after that, so one is the default.
-    base: TrainConfig = field(default_factory=lambda: TrainConfig(minutes=17.0))
+    # 20 min (~1300 steps on 2 quiet cores): head grounding emerges between steps 750 and 1000. Shorter
+    # bases were measured whole (README "Time"): 17 min (1129 steps) grounded 94 % of the test heads
+    # but its hpe_rehearsal adapter only 68 % of the head boxes (90 % at 20 min); 16 min: 86 % / 46 %.
+    base: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
