@@ -44,9 +44,10 @@ def ridge_mae(x: np.ndarray, y: np.ndarray, n_train: int, lambdas=(1, 10, 100, 1
     x = (x - x[:n_train].mean(0)) / (x[:n_train].std(0) + 1e-6)
     a, mean = x[:n_train], y[:n_train].mean(0)
     best = None
+    gram = a @ a.T  # the dual form: an n x n solve, not d x d (64 image tokens give d = 12,288)
     for lam in lambdas:
-        w = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ (y[:n_train] - mean))
-        mae = np.abs(x[n_train:] @ w + mean - y[n_train:]).mean(0)
+        alpha = np.linalg.solve(gram + lam * np.eye(len(a)), y[:n_train] - mean)
+        mae = np.abs(x[n_train:] @ (a.T @ alpha) + mean - y[n_train:]).mean(0)
         if best is None or mae.mean() < best[0].mean():
             best = (mae, lam)
     return best
