@@ -1,0 +1,75 @@
+"""Where does a tiny base's box go when asked for an object? Binding versus localisation.
+
+    python scripts/object_answers.py data/cache/base-<key>/model [--n 200]
+
+Renders `n` held-out synth-train scenes with at least one uniquely named object, asks for one of
+them (`Where is the red cube?`) and sorts each answer by the box it overlaps best (IoU >= 0.5):
+the asked object, another object of the scene, the head, or nothing. Answers on other objects mean
+the model localises objects but does not bind the words to them; answers on nothing mean it does
+not localise them either (the share whose centre falls inside the asked object tells a poor box from
+a wrong place). docs/tiny_backend.md reports what it found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+import numpy as np
+
+from hpelib import evaluate, prompts, train
+from hpelib.backends.tiny import TinyBackend
+from hpelib.config import make_config
+from hpelib.data import tasks
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("base_dir")
+    p.add_argument("--n", type=int, default=200)
+    a = p.parse_args()
+    config = make_config("default")
+    renderer = train.make_renderer(config)
+    samples, other_objects, heads = [], [], []
+    i = 0
+    while len(samples) < a.n:
+        rng = np.random.default_rng([11, i])
+        i += 1
+        scene = renderer.render(rng)
+        sample = tasks.task_box_object(scene, rng)
+        if sample is None:
+            continue
+        samples.append(sample)
+        other_objects.append([o["box"] for o in tasks.scene_objects(scene) if o["name"] != sample.meta["target"]])
+        heads.append(tasks.head_box(scene))
+    answers = evaluate.generate_answers(TinyBackend.load(a.base_dir), samples, batch_size=50)
+    kinds = collections.Counter()
+    for sample, answer, others, head in zip(samples, answers, other_objects, heads):
+        box = prompts.parse_response(answer).box
+        if box is None:
+            kinds["no box"] += 1
+        elif evaluate.box_iou(box, sample.meta["box"]) >= 0.5:
+            kinds["the asked object"] += 1
+        elif evaluate.box_iou(box, head) >= 0.5:
+            kinds["the head"] += 1
+        elif any(evaluate.box_iou(box, o) >= 0.5 for o in others):
+            kinds["another object"] += 1
+        else:
+            kinds["nothing (IoU < 0.5 with every box)"] += 1
+    for kind, count in kinds.most_common():
+        print(f"{kind:36s} {count:4d}  {count / len(samples):5.0%}")
+    # coarser: is the answer's centre inside the asked object's box (found, but a poor box)?
+    centred = sum(_centre_inside(prompts.parse_response(ans).box, s.meta["box"]) for s, ans in zip(samples, answers))
+    print(f"answer's centre inside the asked object's box: {centred / len(samples):.0%}; "
+          f"distinct answers: {len(set(answers))} of {len(answers)}")
+
+
+def _centre_inside(box, target) -> bool:
+    if box is None:
+        return False
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return target[0] <= cx <= target[2] and target[1] <= cy <= target[3]
+
+
+if __name__ == "__main__":
+    main()
