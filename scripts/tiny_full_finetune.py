@@ -8,7 +8,7 @@ Writes its history to runs/experiments/full_ft_<lr>/ and prints the held-out eva
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import torch
 
@@ -33,4 +33,9 @@ def main(minutes: float, lr: float, base_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(float(sys.argv[1]), float(sys.argv[2]), sys.argv[3])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("minutes", type=float, help="training budget")
+    parser.add_argument("lr", type=float, help="peak learning rate")
+    parser.add_argument("base_dir", help="a cached tiny base's model folder")
+    args = parser.parse_args()
+    main(args.minutes, args.lr, args.base_dir)
