@@ -168,7 +168,7 @@ class LoraConfig:
         _positive_int("workers", self.workers)
         _check(self.train.processes == 1, "train.processes", self.train.processes,
                "1: the notebooks train adapters side by side with lora.workers instead (for data-parallel "
-               "LoRA, run `accelerate launch -m hpelib.train lora` yourself)")
+               "LoRA, run `accelerate launch --multi_gpu --num_processes N -m hpelib.train lora` yourself)")
         _positive("alpha", self.alpha)
         _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
         _check(self.target_language or self.target_vision, "target_language/target_vision",

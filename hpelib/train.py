@@ -1,7 +1,7 @@
 """Training: the base pre-training (`01_train_base`) and LoRA fine-tuning (`02_train_lora`).
 
-One loop (`fit`) serves both stages, on `accelerate` (CPU here, GPUs or several processes with
-`accelerate launch`):
+One loop (`fit`) serves both stages, on `accelerate` (CPU here, GPUs, or several data-parallel
+processes under torchrun / `accelerate launch --multi_gpu`; `base.processes` starts them itself):
 
 - batches rendered on the fly by a `tasks.SampleStream` (a task mix; for LoRA, head pose plus a
   rehearsal ratio of grounding samples), each batch a pure function of `(seed, step)`;
@@ -545,13 +545,7 @@ def _launch_base(config: Config, progress: bool = True) -> None:
         try:
             while proc.poll() is None:
                 time.sleep(1.0)
-                try:
-                    st = io.read_json(work / STATUS_JSON)
-                except (FileNotFoundError, ValueError):  # not started yet, or mid-rename
-                    continue
-                bar.total, bar.n = st["total"], st["step"]
-                bar.set_postfix(loss=f"{st['loss']:.3f}", refresh=False)
-                bar.refresh()
+                show_status(bar, work / STATUS_JSON)
         except BaseException:  # an interrupt (or any error here) stops the processes, not only this loop
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -565,6 +559,18 @@ def _launch_base(config: Config, progress: bool = True) -> None:
         tail = "\n".join((work / LAUNCH_LOG).read_text().splitlines()[-25:])
         raise RuntimeError(f"data-parallel base training exited with code {proc.returncode} without a finished "
                            f"base; its log is {work / LAUNCH_LOG}, ending:\n{tail}")
+
+
+def show_status(bar, status: Path, **postfix: str) -> None:
+    """Move a tqdm `bar` to the step of a training running elsewhere, from the `status.json` its
+    `fit` writes every step; no file yet (or one mid-rename) leaves the bar as it is."""
+    try:
+        st = io.read_json(status)
+    except (FileNotFoundError, ValueError):
+        return
+    bar.total, bar.n = st["total"], st["step"]
+    bar.set_postfix(loss=f"{st['loss']:.3f}", **postfix, refresh=False)
+    bar.refresh()
 
 
 def resolve_device(config: Config) -> torch.device:
@@ -723,14 +729,7 @@ def _train_in_parallel(jobs: dict[str, dict], workers: int, progress: bool) -> d
 
     def poll(states: dict[str, str]) -> None:
         for name, bar in bars.items():
-            status = jobs[name]["out_dir"] / "training" / STATUS_JSON
-            try:
-                st = io.read_json(status)
-            except (FileNotFoundError, ValueError):  # not started yet, or mid-rename
-                continue
-            bar.total, bar.n = st["total"], st["step"]
-            bar.set_postfix(loss=f"{st['loss']:.3f}", state=states[name], refresh=False)
-            bar.refresh()
+            show_status(bar, jobs[name]["out_dir"] / "training" / STATUS_JSON, state=states[name])
 
     try:
         return parallel.run_jobs(_adapter_job, jobs, workers, on_poll=poll)
