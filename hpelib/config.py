@@ -125,6 +125,11 @@ class TrainConfig:
     processes: int = 1  # data-parallel processes (torchrun) on the CPU's cores, `batch_size` split among
     # them, each with its share of the threads; base only (adapters train side by side: `lora.workers`).
     # On 2 cores, 2 processes made 1.17x the steps of one before the fast encoding, 1.03x after.
+    angle_sigma: float = 0.0  # > 0: an angle token's target spreads over its neighbours, a Gaussian of this
+    # many degrees (hpelib.soft_targets); 0: the model's own one-hot cross-entropy. Whole-number tokenizers only
+    box_sigma: float = 0.0  # the same for box values, in units of the 0-999 grid
+    vision_minutes: float = 0.0  # base only: > 0 first trains the vision tower this long with a temporary
+    # regression head on pose-free targets (hpelib.vision_pretrain), then `minutes` of the curriculum
 
     def __post_init__(self) -> None:
         _positive("minutes", self.minutes)
@@ -137,6 +142,9 @@ class TrainConfig:
         _positive("max_grad_norm", self.max_grad_norm)
         _non_negative_int("seed", self.seed)
         _positive_int("processes", self.processes)
+        for name in ("angle_sigma", "box_sigma", "vision_minutes"):
+            _check(isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0, name,
+                   getattr(self, name), "a number >= 0 (0: off)")
         _check(self.batch_size % self.processes == 0, "batch_size", self.batch_size,
                f"a multiple of processes ({self.processes}): each process takes an equal share")
 
@@ -169,6 +177,8 @@ class LoraConfig:
         _check(self.train.processes == 1, "train.processes", self.train.processes,
                "1: the notebooks train adapters side by side with lora.workers instead (for data-parallel "
                "LoRA, run `accelerate launch --multi_gpu --num_processes N -m hpelib.train lora` yourself)")
+        _check(self.train.vision_minutes == 0, "train.vision_minutes", self.train.vision_minutes,
+               "0: vision pre-training is a stage of the base (base.vision_minutes), not of an adapter")
         _positive("alpha", self.alpha)
         _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
         _check(self.target_language or self.target_vision, "target_language/target_vision",

@@ -244,6 +244,11 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
+    soft = None
+    if train.angle_sigma > 0 or train.box_sigma > 0:
+        from hpelib.soft_targets import NumberTargets
+
+        soft = NumberTargets.from_tokenizer(backend.tokenizer, train.angle_sigma, train.box_sigma)
     is_main = accelerator.is_main_process
     part = accelerator.process_index
     budget_s = train.minutes * 60.0
@@ -282,7 +287,11 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
             batch = backend.collate([backend.encode(s) for s in samples])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                if soft is None:
+                    loss = model(**batch).loss
+                else:
+                    labels = batch.pop("labels")
+                    loss = soft.loss(model(**batch).logits, labels)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
@@ -401,6 +410,9 @@ def make_renderer(config: Config, domain: str | None = None):
     return SceneRenderer(domain or config.data.train_domain, config.data.image_size)
 
 
+ADDED_BASE_FIELDS = ("angle_sigma", "box_sigma", "vision_minutes")
+
+
 def base_key(config: Config) -> str:
     """Hash of what defines the base: model, base training, image size, training domain, seed,
     curriculum, the tokenizer's corpus and backend sizes. Changing anything else (LoRA, merges, test sets) reuses it."""
@@ -409,7 +421,13 @@ def base_key(config: Config) -> str:
         from hpelib.backends.tiny import TinySpec
 
         spec = dataclasses.asdict(TinySpec())
-    payload = {"model": dataclasses.asdict(config.model), "base": dataclasses.asdict(config.base),
+        if not spec["number_code"]:  # added after bases were cached: in the key only when set
+            del spec["number_code"]
+    base = dataclasses.asdict(config.base)
+    for name in ADDED_BASE_FIELDS:  # fields added after bases were cached: in the key only when set
+        if not base[name]:
+            del base[name]
+    payload = {"model": dataclasses.asdict(config.model), "base": base,
                "image_size": config.data.image_size, "domain": config.data.train_domain, "seed": config.seed,
                "mix": tasks.BASE_MIX, "spec": spec, "version": BASE_VERSION,
                # the tiny tokenizer is built from the task corpus: new words are a new base
@@ -469,11 +487,20 @@ def train_base(config: Config, out_dir: str | os.PathLike | None = None, force: 
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        io.write_json(out / "base.json", {"path": str(cache / "model"), **io.read_json(cache / DONE)})
-        for name in (HISTORY_CSV, LOSS_PNG):
-            if (work / name).exists():
-                shutil.copyfile(work / name, out / name)
+        vision = work / VISION_DIR
+        io.write_json(out / "base.json", {"path": str(cache / "model"), **io.read_json(cache / DONE),
+                                          **({"vision": io.read_json(vision / DONE)} if (vision / DONE).exists() else {})})
+        for src, name in ((work, HISTORY_CSV), (work, LOSS_PNG), (vision, HISTORY_CSV), (vision, LOSS_PNG)):
+            if (src / name).exists():
+                shutil.copyfile(src / name, out / (name if src == work else f"{VISION_DIR}_{name}"))
     return backend, history
+
+
+def vision_history(base_out: str | os.PathLike) -> pd.DataFrame | None:
+    """The vision pre-training stage's history that `train_base` copied into the run's base folder
+    (`vision_history.csv`), or None when the base had no such stage (`base.vision_minutes` 0)."""
+    path = Path(base_out) / f"{VISION_DIR}_{HISTORY_CSV}"
+    return pd.read_csv(path) if path.exists() else None
 
 
 def fit_base(config: Config, progress: bool = True) -> None:
@@ -485,6 +512,8 @@ def fit_base(config: Config, progress: bool = True) -> None:
                          f"the base's cache key holds base.processes, so set it to {world}")
     cache = base_cache_dir(config)
     backend = get_backend_class(config.model.backend).build(config)  # a resumed run loads its checkpoint
+    if config.base.vision_minutes > 0:
+        _vision_stage(config, backend, cache / "training" / VISION_DIR, progress)
     stream = tasks.SampleStream(make_renderer(config), tasks.BASE_MIX, per_process_batch(config.base, "base"),
                                 seed=config.seed, decimals=config.angle_decimals)
     history = fit(backend, stream, base_eval_set(config), config.base, cache / "training", desc="base",
@@ -495,6 +524,29 @@ def fit_base(config: Config, progress: bool = True) -> None:
         io.write_json(cache / DONE, {"key": base_key(config), "steps": int(history["step"].iloc[-1]),
                                      "processes": world, "minutes": float(history["elapsed_s"].iloc[-1]) / 60,
                                      "final": final})
+
+
+VISION_WARMUP = 50
+VISION_DIR = "vision"  # the vision pre-training stage's checkpoints and history, in the base's training/
+
+
+def _vision_stage(config: Config, backend: Backend, out: Path, progress: bool) -> None:
+    """`base.vision_minutes` of vision pre-training (`hpelib.vision_pretrain`) into `backend`'s
+    tower, or, once done, the tower it trained (for a base resumed before its first checkpoint)."""
+    from hpelib import vision_pretrain
+
+    if (out / DONE).exists():
+        vision_pretrain.load_tower(backend, out)
+        return
+    stage = dataclasses.replace(config.base, minutes=config.base.vision_minutes,
+                                warmup_steps=min(config.base.warmup_steps, VISION_WARMUP))
+    history = vision_pretrain.pretrain_vision(backend, make_renderer(config), stage, out,
+                                              per_process_batch(config.base, "base"), seed=config.seed,
+                                              progress=progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        io.write_json(out / DONE, {"steps": int(history["step"].iloc[-1]),
+                                   "minutes": float(history["elapsed_s"].iloc[-1]) / 60,
+                                   "loss": float(history["loss"].tail(20).mean())})
 
 
 def world_size() -> int:

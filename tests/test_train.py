@@ -305,3 +305,41 @@ def test_adapters_and_evaluation_in_worker_processes_match_one_process(tmp_path)
     assert list(t_par["answer"]) == list(t_ser["answer"])
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["base.csv", "lora:hpe.csv",
                                                                    "lora:hpe_rehearsal.csv"]
+
+
+@pytest.mark.usefixtures("data_dir")
+def test_vision_pretraining_trains_the_tower_before_the_curriculum(tmp_path):
+    """`base.vision_minutes`: the tower trains first with the temporary head (its own history and
+    checkpoints under training/vision), then the base curriculum; a base resumed after the vision
+    stage starts from the tower that stage trained."""
+    from hpelib import vision_pretrain
+
+    config = make_config("smoke", {"base.vision_minutes": 1.0, "base.max_steps": 3, "base.eval_every": 3,
+                                   "base.eval_samples": 2, "base.checkpoint_every": 2})
+    assert train.base_key(config) != train.base_key(make_config("smoke", {"base.max_steps": 3, "base.eval_every": 3,
+                                                                          "base.eval_samples": 2,
+                                                                          "base.checkpoint_every": 2}))
+    _, history = train.train_base(config, tmp_path / "run" / "base", progress=False)
+    vision = train.base_cache_dir(config) / "training" / train.VISION_DIR
+    assert train.vision_history(tmp_path / "run" / "base")["step"].tolist() == [1, 2, 3]
+    assert train.io.read_json(tmp_path / "run" / "base" / "base.json")["vision"]["steps"] == 3
+    assert history["step"].tolist() == [1, 2, 3]
+    vh = pd.read_csv(vision / train.HISTORY_CSV)
+    assert vh["step"].tolist() == [1, 2, 3] and np.isfinite(vh["loss"]).all()
+    assert (vision / train.LOSS_PNG).exists() and train.io.read_json(vision / train.DONE)["steps"] == 3
+
+    fresh = TinyBackend.build(config)
+    before = {n: p.clone() for n, p in fresh.model.model.visual.named_parameters()}
+    train._vision_stage(config, fresh, vision, progress=False)  # done: loads the trained tower
+    from safetensors.torch import load_file
+
+    saved = load_file(str(train.latest_checkpoint(vision) / "trainable.safetensors"))
+    for n, p in fresh.model.model.visual.named_parameters():
+        torch.testing.assert_close(p, saved[f"visual.{n}"], msg=n)
+    assert any(not torch.equal(before[n], p) for n, p in fresh.model.model.visual.named_parameters())
+    assert not any(k.startswith("head.") for k in dict(TinyBackend.load(train.base_model_dir(config)).model.named_parameters()))
+
+    with pytest.raises(ValueError, match="face parts"):
+        vision_pretrain.scene_targets(FakeRenderer().render(np.random.default_rng(0)))
+    with pytest.raises(ValueError, match="lora.train.vision_minutes"):
+        make_config("smoke", {"lora.train.vision_minutes": 1.0})
