@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--rehearsal", type=float, default=0.2)
     p.add_argument("--adapter", default="hpe_rehearsal")
     p.add_argument("--set", nargs="*", default=[])
+    p.add_argument("--spec", help='JSON TinySpec fields replacing its defaults (base stage), e.g. \'{"number_code": 0.3}\'')
     p.add_argument("--base-mix", help='JSON task weights replacing tasks.BASE_MIX, e.g. \'{"box": 0.5, "box_part": 0.25}\'')
     a = p.parse_args()
     if a.threads:
@@ -38,6 +39,11 @@ def main() -> None:
     if a.base_mix:
         tasks.BASE_MIX.clear()
         tasks.BASE_MIX.update(json.loads(a.base_mix))
+    if a.spec:  # every TinySpec() built from here on (and the base's cache key) takes these fields
+        import functools
+
+        from hpelib.backends import tiny
+        tiny.TinySpec = functools.partial(tiny.TinySpec, **json.loads(a.spec))
     overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     config = make_config(a.profile, overrides)
     out = paths.runs_dir() / "experiments" / a.name

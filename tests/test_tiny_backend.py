@@ -206,3 +206,27 @@ def test_generation_budget_follows_the_reference_answers_in_the_backends_tokens(
     assert answer_token_budget(backend, samples[::2]) == 15  # box answers only: 9 tokens
     unanswered = [Sample(s.image, s.prompt, None, s.task) for s in samples]
     assert answer_token_budget(backend, unanswered) == FALLBACK_MAX_NEW_TOKENS
+
+
+def test_ordinal_number_rows_let_a_linear_read_out_pick_any_angle(config):
+    """`TinySpec.number_code`: the rows of the angle tokens differ from the plain ones by a
+    parabola in the value, so a hidden state `mu/180 e1 + e2` makes `mu` the most likely angle."""
+    import dataclasses
+
+    plain = TinyBackend.build(config, spec=MICRO, seed=0)
+    coded = TinyBackend.build(config, spec=dataclasses.replace(MICRO, number_code=0.5), seed=0)
+    tok = plain.tokenizer
+    values = list(range(-180, 181))
+    ids = [tok.convert_tokens_to_ids(str(v)) for v in values]
+    diff = (coded.model.lm_head.weight - plain.model.lm_head.weight)[ids].detach()
+    assert torch.allclose(coded.model.get_input_embeddings().weight[ids] - plain.model.get_input_embeddings().weight[ids],
+                          diff)
+    assert torch.linalg.matrix_rank(diff[81:280]).item() == 2  # -99..99: one plane (100..180 are box values too)
+    d90, dm90 = diff[values.index(90)], diff[values.index(-90)]
+    e1 = (d90 - dm90) / 0.5  # u = +-1/2 at +-90
+    e2 = -(d90 + dm90) / (0.5 * 0.25)  # u^2 / 2 = 1/8
+    for mu in (-90, 0, 45, 170):
+        logits = diff @ (mu / 180 * e1 + e2)
+        assert values[int(logits.argmax())] == mu
+    other = [i for t, i in tok.get_vocab().items() if t.isalpha()]
+    assert torch.equal(coded.model.lm_head.weight[other], plain.model.lm_head.weight[other])  # words untouched

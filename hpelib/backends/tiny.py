@@ -117,6 +117,8 @@ class TinySpec:
     patch_size: int = 16
     deepstack: list[int] = field(default_factory=lambda: [1, 2])  # vision blocks whose features feed LM layers 0, 1
     rope_theta: float = 10000.0
+    number_code: float = 0.0  # > 0: number tokens start with an ordinal code of this size in their input
+    # and output rows (`ordinal_number_init`); 0: plain random rows
 
     def grid(self, image_size: int) -> int:
         """Patches per side at `image_size` px; raises unless 2 x 2 merging tiles the image."""
@@ -151,6 +153,36 @@ class TinySpec:
 
 
 BACKEND_FILE = "tiny_backend.json"
+
+
+def ordinal_number_init(model, tokenizer, scale: float, seed: int = 0) -> None:
+    """Give number tokens rows that a linear read-out can turn into a value.
+
+    With random rows, the output layer's 361 angle tokens point in unrelated directions, so a
+    hidden state must be mapped non-linearly to the right one. Here each number token's output row
+    (and input embedding) gets `scale * (u e1 - u^2/2 e2)` added, in a plane of two fixed random
+    orthonormal directions: then `h . row = scale (a u - b u^2 / 2)`, a parabola in u peaking at
+    `u = a / b`, so the softmax over the numbers is a discretised Gaussian whose centre is a *linear*
+    function of the hidden state. Two planes: angles (signed tokens -180..180, u = v / 180) and box
+    values (3-digit tokens 000..999, u = (v - 500) / 500); `100`..`180` are both and get both codes.
+    """
+    from hpelib.soft_targets import _SIGNED, _THREE_DIGITS
+
+    gen = torch.Generator().manual_seed(seed)
+    hidden = model.config.text_config.hidden_size
+    planes = torch.linalg.qr(torch.randn(hidden, 4, generator=gen))[0].T  # 4 orthonormal directions
+    out_rows, in_rows = model.lm_head.weight, model.get_input_embeddings().weight
+    with torch.no_grad():
+        for token, i in tokenizer.get_vocab().items():
+            codes = []
+            if _SIGNED.fullmatch(token) and token != "-0" and abs(int(token)) <= MAX_ANGLE_TOKEN:
+                codes.append((int(token) / MAX_ANGLE_TOKEN, planes[0], planes[1]))
+            if _THREE_DIGITS.fullmatch(token):
+                codes.append(((int(token) - 500) / 500, planes[2], planes[3]))
+            for u, e1, e2 in codes:
+                code = scale * (u * e1 - (u * u / 2) * e2)
+                out_rows[i] += code.to(out_rows.dtype)
+                in_rows[i] += code.to(in_rows.dtype)
 
 
 
@@ -194,6 +226,8 @@ class TinyBackend(Qwen2VLBackend):
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         torch.manual_seed(config.seed if seed is None else seed)
         model = Qwen3VLForConditionalGeneration(spec.qwen3_vl_config(len(tokenizer), size, ids))
+        if spec.number_code > 0:
+            ordinal_number_init(model, tokenizer, spec.number_code)
         device = hub.resolve_device(config.model.device)
         model.to(dtype=getattr(torch, config.model.dtype), device=device)
         return cls(model, processor, spec)
