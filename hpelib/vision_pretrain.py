@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hpelib import prompts
+from hpelib.backends import Sample
 from hpelib.data import tasks
 from hpelib.data.synth import FACE_PARTS
 
@@ -38,7 +40,7 @@ HEAD_WIDTH = 512
 def scene_targets(scene) -> tuple[np.ndarray, np.ndarray]:
     """`(boxes (N_BOXES, 4), present (N_OBJECTS,))` of one scene: the head's box, the face parts'
     boxes (in `PARTS` order), then the object slots (zero boxes where absent)."""
-    parts = (tasks._get(scene, "meta", {}) or {}).get("parts")
+    parts = (getattr(scene, "meta", None) or {}).get("parts")
     if not parts or any(p not in parts for p in PARTS):
         raise ValueError(f"vision pre-training needs the face parts' boxes in scene.meta['parts'] ({PARTS}); "
                          f"this scene has {sorted(parts or {})}")
@@ -87,7 +89,7 @@ class TargetStream:
         while len(out) < self.batch_size:
             scene = self.renderer.render(rng)
             for view in (scene, tasks.mirror_scene(scene)):
-                out.append((tasks._get(view, "image"), *scene_targets(view)))
+                out.append((view.image, *scene_targets(view)))
         return out[:self.batch_size]
 
 
@@ -100,9 +102,6 @@ class VisionJob:
         self.device = backend.device
 
     def encode(self, item) -> dict[str, torch.Tensor]:
-        from hpelib import prompts
-        from hpelib.backends import Sample
-
         image, boxes, present = item
         enc = self.backend.encode(Sample(image, prompts.HPE_PROMPT, None, "hpe"))  # the pixels only
         return {"pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"],
