@@ -1,6 +1,6 @@
 """What a tiny base answers on each curriculum task: exact-match rate and its most common answers.
 
-    python scripts/base_skills.py data/cache/base-<key>/model [--n 40] [--objects 1,1]
+    python scripts/base_skills.py data/cache/base-<key>/model [--n 40] [--train-domain JSON]
 
 A base that answers one constant per task (docs/tiny_backend.md) has learned nothing but its
 grounding; this prints the evidence.
@@ -21,14 +21,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("base_dir")
     p.add_argument("--n", type=int, default=40, help="held-out samples per task")
-    p.add_argument("--objects", help="LO,HI: objects per scene (synth-train draws 0-3)")
+    p.add_argument("--train-domain", help='JSON synth-train DomainSpec fields, e.g. \'{"n_objects": [1, 1]}\'')
     a = p.parse_args()
-    if a.objects:
+    if a.train_domain:
         import dataclasses
+        import json
 
         from hpelib.data import synth
-        lo, hi = (int(v) for v in a.objects.split(","))
-        synth.DOMAINS["synth-train"] = dataclasses.replace(synth.DOMAINS["synth-train"], n_objects=(lo, hi))
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(a.train_domain).items()}
+        synth.DOMAINS["synth-train"] = dataclasses.replace(synth.DOMAINS["synth-train"], **fields)
     config = make_config("default")
     names = ("colour", "count", "orient", "box_object", "box_head")
     samples = tasks.eval_set(train.make_renderer(config), {t: a.n for t in names}, seed=config.seed)

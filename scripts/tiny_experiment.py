@@ -32,8 +32,8 @@ def main() -> None:
     p.add_argument("--adapter", default="hpe_rehearsal")
     p.add_argument("--set", nargs="*", default=[])
     p.add_argument("--spec", help='JSON TinySpec fields replacing its defaults (base stage), e.g. \'{"number_code": 0.3}\'')
-    p.add_argument("--train-objects", help="LO,HI: objects per training scene (synth-train draws 0-3); the base is "
-                   "then cached under the experiment's own data folder, not data/cache")
+    p.add_argument("--train-domain", help='JSON synth-train DomainSpec fields, e.g. \'{"n_objects": [1, 1]}\'; the '
+                   "base is then cached under the experiment's own data folder, not data/cache")
     p.add_argument("--base-mix", help='JSON task weights replacing tasks.BASE_MIX, e.g. \'{"box": 0.5, "box_part": 0.25}\'')
     a = p.parse_args()
     if a.threads:
@@ -46,13 +46,13 @@ def main() -> None:
 
         from hpelib.backends import tiny
         tiny.TinySpec = functools.partial(tiny.TinySpec, **json.loads(a.spec))
-    if a.train_objects:  # the cache key knows the domain by name only: keep this base out of data/cache
+    if a.train_domain:  # the cache key knows the domain by name only: keep this base out of data/cache
         import dataclasses
         import os
 
         from hpelib.data import synth
-        lo, hi = (int(v) for v in a.train_objects.split(","))
-        synth.DOMAINS["synth-train"] = dataclasses.replace(synth.DOMAINS["synth-train"], n_objects=(lo, hi))
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(a.train_domain).items()}
+        synth.DOMAINS["synth-train"] = dataclasses.replace(synth.DOMAINS["synth-train"], **fields)
         data = paths.runs_dir() / "experiments" / a.name / "data"
         (data / "assets").mkdir(parents=True, exist_ok=True)
         if not (data / "assets" / "menpo3d").exists():
