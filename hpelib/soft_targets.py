@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 ANGLE_FIELDS = ("yaw", "pitch", "roll", "tilt")
-_SIGNED = re.compile(r"-?(0|[1-9][0-9]{0,2})")
-_THREE_DIGITS = re.compile(r"[0-9]{3}")
+SIGNED_NUMBER = re.compile(r"-?(0|[1-9][0-9]{0,2})")
+THREE_DIGITS = re.compile(r"[0-9]{3}")
 
 
 def _kernel(values: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -66,9 +66,9 @@ class NumberTargets:
     def from_tokenizer(cls, tokenizer, angle_sigma: float, box_sigma: float) -> "NumberTargets":
         """Tables for `tokenizer`; `angle_sigma` in degrees, `box_sigma` in grid units (0: one-hot)."""
         vocab = tokenizer.get_vocab()
-        angles = sorted(((int(t), i) for t, i in vocab.items() if _SIGNED.fullmatch(t) and t != "-0"
+        angles = sorted(((int(t), i) for t, i in vocab.items() if SIGNED_NUMBER.fullmatch(t) and t != "-0"
                          and abs(int(t)) <= 180))
-        boxes = sorted(((int(t), i) for t, i in vocab.items() if _THREE_DIGITS.fullmatch(t)))
+        boxes = sorted(((int(t), i) for t, i in vocab.items() if THREE_DIGITS.fullmatch(t)))
         if (angle_sigma > 0 and len(angles) < 361) or (box_sigma > 0 and len(boxes) < 1000):
             raise ValueError(
                 f"angle_sigma/box_sigma > 0 need a tokenizer with one token per number (-180..180 and "

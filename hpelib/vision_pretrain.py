@@ -60,7 +60,6 @@ class VisionPretrainer(torch.nn.Module):
         super().__init__()
         self.visual = visual
         width = visual.config.out_hidden_size * tokens
-        self.tokens = tokens
         self.head = torch.nn.Sequential(torch.nn.Linear(width, HEAD_WIDTH), torch.nn.GELU(),
                                         torch.nn.Linear(HEAD_WIDTH, 4 * N_BOXES + N_OBJECTS))
 

@@ -166,7 +166,7 @@ def ordinal_number_init(model, tokenizer, scale: float, seed: int = 0) -> None:
     function of the hidden state. Two planes: angles (signed tokens -180..180, u = v / 180) and box
     values (3-digit tokens 000..999, u = (v - 500) / 500); `100`..`180` are both and get both codes.
     """
-    from hpelib.soft_targets import _SIGNED, _THREE_DIGITS
+    from hpelib.soft_targets import SIGNED_NUMBER, THREE_DIGITS
 
     gen = torch.Generator().manual_seed(seed)
     hidden = model.config.text_config.hidden_size
@@ -175,15 +175,14 @@ def ordinal_number_init(model, tokenizer, scale: float, seed: int = 0) -> None:
     with torch.no_grad():
         for token, i in tokenizer.get_vocab().items():
             codes = []
-            if _SIGNED.fullmatch(token) and token != "-0" and abs(int(token)) <= MAX_ANGLE_TOKEN:
+            if SIGNED_NUMBER.fullmatch(token) and token != "-0" and abs(int(token)) <= MAX_ANGLE_TOKEN:
                 codes.append((int(token) / MAX_ANGLE_TOKEN, planes[0], planes[1]))
-            if _THREE_DIGITS.fullmatch(token):
+            if THREE_DIGITS.fullmatch(token):
                 codes.append(((int(token) - 500) / 500, planes[2], planes[3]))
             for u, e1, e2 in codes:
                 code = scale * (u * e1 - (u * u / 2) * e2)
                 out_rows[i] += code.to(out_rows.dtype)
                 in_rows[i] += code.to(in_rows.dtype)
-
 
 
 class TinyBackend(Qwen2VLBackend):
