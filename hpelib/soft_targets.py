@@ -31,6 +31,16 @@ import torch.nn.functional as F
 ANGLE_FIELDS = ("yaw", "pitch", "roll", "tilt")
 SIGNED_NUMBER = re.compile(r"-?(0|[1-9][0-9]{0,2})")
 THREE_DIGITS = re.compile(r"[0-9]{3}")
+MAX_ANGLE = 180
+
+
+def number_tokens_by_kind(vocab: dict[str, int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """`(angles, boxes)`: the `(value, token id)` pairs, sorted by value, of the signed angle tokens
+    (`-180`..`180`, without `-0`) and of the 3-digit box-value tokens (`000`..`999`) in `vocab`."""
+    angles = sorted((int(t), i) for t, i in vocab.items()
+                    if SIGNED_NUMBER.fullmatch(t) and t != "-0" and abs(int(t)) <= MAX_ANGLE)
+    boxes = sorted((int(t), i) for t, i in vocab.items() if THREE_DIGITS.fullmatch(t))
+    return angles, boxes
 
 
 def _kernel(values: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -66,9 +76,7 @@ class NumberTargets:
     def from_tokenizer(cls, tokenizer, angle_sigma: float, box_sigma: float) -> "NumberTargets":
         """Tables for `tokenizer`; `angle_sigma` in degrees, `box_sigma` in grid units (0: one-hot)."""
         vocab = tokenizer.get_vocab()
-        angles = sorted(((int(t), i) for t, i in vocab.items() if SIGNED_NUMBER.fullmatch(t) and t != "-0"
-                         and abs(int(t)) <= 180))
-        boxes = sorted(((int(t), i) for t, i in vocab.items() if THREE_DIGITS.fullmatch(t)))
+        angles, boxes = number_tokens_by_kind(vocab)
         if (angle_sigma > 0 and len(angles) < 361) or (box_sigma > 0 and len(boxes) < 1000):
             raise ValueError(
                 f"angle_sigma/box_sigma > 0 need a tokenizer with one token per number (-180..180 and "

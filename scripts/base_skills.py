@@ -24,12 +24,10 @@ def main() -> None:
     p.add_argument("--train-domain", help='JSON synth-train DomainSpec fields, e.g. \'{"n_objects": [1, 1]}\'')
     a = p.parse_args()
     if a.train_domain:
-        import dataclasses
         import json
 
         from hpelib.data import synth
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(a.train_domain).items()}
-        synth.DOMAINS["synth-train"] = dataclasses.replace(synth.DOMAINS["synth-train"], **fields)
+        synth.override_domain("synth-train", json.loads(a.train_domain))
     config = make_config("default")
     names = ("colour", "count", "orient", "box_object", "box_head")
     samples = tasks.eval_set(train.make_renderer(config), {t: a.n for t in names}, seed=config.seed)

@@ -47,12 +47,10 @@ def main() -> None:
         from hpelib.backends import tiny
         tiny.TinySpec = functools.partial(tiny.TinySpec, **json.loads(a.spec))
     if a.train_domain:  # the cache key knows the domain by name only: keep this base out of data/cache
-        import dataclasses
         import os
 
         from hpelib.data import synth
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(a.train_domain).items()}
-        synth.DOMAINS["synth-train"] = dataclasses.replace(synth.DOMAINS["synth-train"], **fields)
+        synth.override_domain("synth-train", json.loads(a.train_domain))
         data = paths.runs_dir() / "experiments" / a.name / "data"
         (data / "assets").mkdir(parents=True, exist_ok=True)
         if not (data / "assets" / "menpo3d").exists():

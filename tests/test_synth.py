@@ -301,3 +301,13 @@ def test_gallery_and_histograms_render(data_dir, tmp_path):
     assert plots.save_figure(fig, tmp_path / "hist.png").stat().st_size > 0
     with pytest.raises(ValueError, match="domain"):
         plots.plot_pose_histograms(df.drop(columns="domain"))
+
+
+def test_override_domain_replaces_the_spec_and_validates_it(monkeypatch):
+    from hpelib.data import synth
+
+    monkeypatch.setitem(synth.DOMAINS, "synth-train", synth.DOMAINS["synth-train"])  # restored after
+    spec = synth.override_domain("synth-train", {"n_objects": [1, 1]})
+    assert spec.n_objects == (1, 1) and synth.get_domain("synth-train") is spec
+    with pytest.raises(ValueError, match="n_objects"):
+        synth.override_domain("synth-train", {"n_objects": [3, 1]})

@@ -166,23 +166,20 @@ def ordinal_number_init(model, tokenizer, scale: float, seed: int = 0) -> None:
     function of the hidden state. Two planes: angles (signed tokens -180..180, u = v / 180) and box
     values (3-digit tokens 000..999, u = (v - 500) / 500); `100`..`180` are both and get both codes.
     """
-    from hpelib.soft_targets import SIGNED_NUMBER, THREE_DIGITS
+    from hpelib.soft_targets import number_tokens_by_kind
 
     gen = torch.Generator().manual_seed(seed)
     hidden = model.config.text_config.hidden_size
     planes = torch.linalg.qr(torch.randn(hidden, 4, generator=gen))[0].T  # 4 orthonormal directions
     out_rows, in_rows = model.lm_head.weight, model.get_input_embeddings().weight
+    angles, boxes = number_tokens_by_kind(tokenizer.get_vocab())
+    codes = [(i, v / MAX_ANGLE_TOKEN, planes[0], planes[1]) for v, i in angles]
+    codes += [(i, (v - 500) / 500, planes[2], planes[3]) for v, i in boxes]
     with torch.no_grad():
-        for token, i in tokenizer.get_vocab().items():
-            codes = []
-            if SIGNED_NUMBER.fullmatch(token) and token != "-0" and abs(int(token)) <= MAX_ANGLE_TOKEN:
-                codes.append((int(token) / MAX_ANGLE_TOKEN, planes[0], planes[1]))
-            if THREE_DIGITS.fullmatch(token):
-                codes.append(((int(token) - 500) / 500, planes[2], planes[3]))
-            for u, e1, e2 in codes:
-                code = scale * (u * e1 - (u * u / 2) * e2)
-                out_rows[i] += code.to(out_rows.dtype)
-                in_rows[i] += code.to(in_rows.dtype)
+        for i, u, e1, e2 in codes:
+            code = scale * (u * e1 - (u * u / 2) * e2)
+            out_rows[i] += code.to(out_rows.dtype)
+            in_rows[i] += code.to(in_rows.dtype)
 
 
 class TinyBackend(Qwen2VLBackend):

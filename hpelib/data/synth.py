@@ -207,6 +207,15 @@ def get_domain(domain: str | DomainSpec) -> DomainSpec:
     return DOMAINS[domain]
 
 
+def override_domain(name: str, fields: dict) -> DomainSpec:
+    """Replace `DOMAINS[name]` by a copy with `fields` changed (lists become tuples; the spec
+    validates them), for experiments in this process. Returns the new spec."""
+    spec = dataclasses.replace(get_domain(name), **{k: tuple(v) if isinstance(v, list) else v
+                                                    for k, v in fields.items()})
+    DOMAINS[name] = spec
+    return spec
+
+
 # --------------------------------------------------------------------------- scenes
 @dataclass
 class SceneParams:
