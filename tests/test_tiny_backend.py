@@ -14,7 +14,7 @@ import torch
 
 from hpelib import prompts
 from hpelib.backends import Sample, get_backend_class
-from hpelib.backends.tiny import TinyBackend, TinySpec, build_tokenizer, describe
+from hpelib.backends.tiny import PatchProjection, TinyBackend, TinySpec, build_tokenizer, describe
 from hpelib.config import make_config
 from hpelib.data import tasks
 
@@ -142,6 +142,29 @@ def test_save_and_load_give_the_same_logits(backend, tmp_path):
     torch.testing.assert_close(before, after)
     assert loaded.tokenizer.get_vocab() == backend.tokenizer.get_vocab()
     assert loaded.spec == backend.spec
+
+
+def test_patch_projection_is_the_convolution_computed_as_a_matrix_product(backend, tmp_path):
+    proj = backend.model.model.visual.patch_embed.proj
+    assert type(proj) is PatchProjection  # swapped in by the backend, built or loaded
+    assert type(TinyBackend.load(backend.save(tmp_path / "tiny")).model.model.visual.patch_embed.proj) is PatchProjection
+    conv = torch.nn.Conv3d(3, 16, kernel_size=(2, 8, 8), stride=(2, 8, 8))
+    patches = torch.randn(5, 3, 2, 8, 8)
+    want = conv(patches)
+    want.square().sum().backward()
+    want_grads = [p.grad.clone() for p in conv.parameters()]
+    conv.zero_grad()
+    keys = set(conv.state_dict())
+    same = PatchProjection.replace(conv)
+    got = same(patches)
+    got.square().sum().backward()
+    assert same is conv and set(same.state_dict()) == keys  # saved exactly as before
+    torch.testing.assert_close(got, want)
+    for p, g in zip(same.parameters(), want_grads):
+        torch.testing.assert_close(p.grad, g)
+    assert same(torch.randn(1, 3, 4, 16, 16)).shape == (1, 16, 2, 2, 2)  # a larger input: the plain convolution
+    with pytest.raises(ValueError, match="stride == kernel"):
+        PatchProjection.replace(torch.nn.Conv3d(3, 16, kernel_size=3, stride=1))
 
 
 def test_generate_returns_answers_the_parser_reads(backend):
