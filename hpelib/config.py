@@ -130,9 +130,13 @@ class TrainConfig:
     box_sigma: float = 0.0  # the same for box values, in units of the 0-999 grid
     vision_minutes: float = 0.0  # base only: > 0 first trains the vision tower this long with a temporary
     # regression head on pose-free targets (hpelib.vision_pretrain), then `minutes` of the curriculum
+    prefetch: bool = True  # render the next batches in a background process while the model trains
+    # (hpelib.data.prefetch): the same batches, ~20 % faster base steps on 2 cores. Adapters (side by side,
+    # every core busy) set it false
 
     def __post_init__(self) -> None:
         _positive("minutes", self.minutes)
+        _check(isinstance(self.prefetch, bool), "prefetch", self.prefetch, "true or false")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_samples", "checkpoint_every"):
             _positive_int(name, getattr(self, name))
         _positive("lr", self.lr)
@@ -167,7 +171,8 @@ class LoraConfig:
     # checks every 75 steps on 32 samples per task, since on one core they cost a fifth of the budget.
     # A LoRA on a from-scratch toy model takes a larger step than on pretrained weights (gpu: 1e-4)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(minutes=4.0, lr=2e-3, warmup_steps=20,
-                                                                   eval_every=75, eval_samples=32))
+                                                                   eval_every=75, eval_samples=32,
+                                                                   prefetch=False))
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
@@ -274,7 +279,9 @@ class Config:
     # 20 min (~1300 steps on 2 quiet cores): head grounding emerges between steps 750 and 1000. Shorter
     # bases were measured whole (README "Time"): 17 min (1129 steps) grounded 94 % of the test heads
     # but its hpe_rehearsal adapter only 68 % of the head boxes (90 % at 20 min); 16 min: 86 % / 46 %.
-    base: TrainConfig = field(default_factory=TrainConfig)
+    # 1300 steps, or 20 min on a slow or busy machine: what the 20 min gave the default base before its
+    # steps got faster (1307); head grounding appears after ~600-800 steps (docs/tiny_backend.md)
+    base: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1300))
     lora: LoraConfig = field(default_factory=LoraConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

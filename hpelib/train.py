@@ -24,6 +24,7 @@ Entry points: `train_base(config, out_dir)` (cached by a hash of what defines th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -207,6 +208,18 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+@contextlib.contextmanager
+def _prefetched(stream, prefetch: bool):
+    """`stream`, or its batches made ahead in a background process (`train.prefetch`), closed at the end."""
+    if not prefetch:
+        yield stream
+        return
+    from hpelib.data.prefetch import BackgroundStream
+
+    with BackgroundStream(stream) as background:
+        yield background
+
+
 def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sample], train: TrainConfig,
         out_dir: str | os.PathLike, desc: str = "train", progress: bool = True,
         stop_after_steps: int | None = None) -> pd.DataFrame:
@@ -265,82 +278,83 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
         unwrapped.train()
         return metrics
 
-    steps_this_call = 0
-    bar = tqdm(total=state.total_steps or train.max_steps, initial=state.step, desc=desc, disable=not (progress and is_main),
-               dynamic_ncols=True)
-    t_session = time.time()
-    elapsed0 = state.elapsed_s
-    calib_t0, calib_step0 = None, 0
-    while state.step < (state.total_steps or train.max_steps):
-        if state.elapsed_s >= budget_s:
-            break
-        if stop_after_steps is not None and steps_this_call >= stop_after_steps:
-            break
-        if calib_t0 is None and steps_this_call == 1:  # the first step of a session is slow
-            calib_t0, calib_step0 = (time.time(), state.elapsed_s), state.step
-        lr = train.lr * lr_factor(state.step, train.warmup_steps, state.total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        losses = []
-        for micro in range(train.grad_accum):
-            samples = stream.batch(state.step * train.grad_accum + micro, part=part)
-            batch = backend.collate([backend.encode(s) for s in samples])
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                if soft is None:
-                    loss = model(**batch).loss
+    with _prefetched(stream, train.prefetch) as stream:
+        steps_this_call = 0
+        bar = tqdm(total=state.total_steps or train.max_steps, initial=state.step, desc=desc, disable=not (progress and is_main),
+                   dynamic_ncols=True)
+        t_session = time.time()
+        elapsed0 = state.elapsed_s
+        calib_t0, calib_step0 = None, 0
+        while state.step < (state.total_steps or train.max_steps):
+            if state.elapsed_s >= budget_s:
+                break
+            if stop_after_steps is not None and steps_this_call >= stop_after_steps:
+                break
+            if calib_t0 is None and steps_this_call == 1:  # the first step of a session is slow
+                calib_t0, calib_step0 = (time.time(), state.elapsed_s), state.step
+            lr = train.lr * lr_factor(state.step, train.warmup_steps, state.total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            losses = []
+            for micro in range(train.grad_accum):
+                samples = stream.batch(state.step * train.grad_accum + micro, part=part)
+                batch = backend.collate([backend.encode(s) for s in samples])
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                with accelerator.accumulate(model):
+                    if soft is None:
+                        loss = model(**batch).loss
+                    else:
+                        labels = batch.pop("labels")
+                        loss = soft.loss(model(**batch).logits, labels)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                losses.append(float(loss.detach()))
+            state.step += 1
+            steps_this_call += 1
+            state.elapsed_s = elapsed0 + (time.time() - t_session)
+            row: dict[str, Any] = {"step": state.step, "loss": float(np.mean(losses)), "lr": lr,
+                                   "elapsed_s": round(state.elapsed_s, 2)}
+            # calibration: fix the schedule's length from the measured speed, and re-estimate it
+            # every RECALIBRATE_EVERY steps (a shared CPU's speed drifts); the cosine then stretches
+            # or shrinks so that it still ends when the budget does
+            recalibrate = state.total_steps is not None and state.step % RECALIBRATE_EVERY == 0 \
+                and state.total_steps < train.max_steps
+            if (state.total_steps is None and state.step >= CALIBRATION_STEPS + 1 and calib_t0 is not None) or recalibrate:
+                if calib_t0 is not None and state.step > 1:
+                    per_step = (state.elapsed_s - calib_t0[1]) / max(state.step - calib_step0, 1)
                 else:
-                    labels = batch.pop("labels")
-                    loss = soft.loss(model(**batch).logits, labels)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            losses.append(float(loss.detach()))
-        state.step += 1
-        steps_this_call += 1
-        state.elapsed_s = elapsed0 + (time.time() - t_session)
-        row: dict[str, Any] = {"step": state.step, "loss": float(np.mean(losses)), "lr": lr,
-                               "elapsed_s": round(state.elapsed_s, 2)}
-        # calibration: fix the schedule's length from the measured speed, and re-estimate it
-        # every RECALIBRATE_EVERY steps (a shared CPU's speed drifts); the cosine then stretches
-        # or shrinks so that it still ends when the budget does
-        recalibrate = state.total_steps is not None and state.step % RECALIBRATE_EVERY == 0 \
-            and state.total_steps < train.max_steps
-        if (state.total_steps is None and state.step >= CALIBRATION_STEPS + 1 and calib_t0 is not None) or recalibrate:
-            if calib_t0 is not None and state.step > 1:
-                per_step = (state.elapsed_s - calib_t0[1]) / max(state.step - calib_step0, 1)
-            else:
-                per_step = state.elapsed_s / state.step
-            per_step *= 1.08  # room for the held-out evaluations
-            fit_steps = state.step + int(max(budget_s - state.elapsed_s, 0) / max(per_step, 1e-6))
-            total = int(max(min(train.max_steps, fit_steps), state.step + 1))
-            if accelerator.num_processes > 1:
-                total = int(accelerator.gather(torch.tensor([total], device=accelerator.device)).min().item())
-            state.total_steps = total
-            bar.total = state.total_steps
-        if state.total_steps is None and state.step >= train.max_steps:
-            state.total_steps = train.max_steps
-        last = state.step >= (state.total_steps or train.max_steps) or state.elapsed_s >= budget_s
-        if accelerator.num_processes > 1:  # every process must stop at the same step
-            last = bool(accelerator.gather(torch.tensor([int(last)], device=accelerator.device)).max().item())
-            if last:
-                state.total_steps = state.step
-        if state.step % train.eval_every == 0 or last:
-            row.update(evaluate())
-        state.history.append(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
-        if is_main:
-            io.write_json(out_dir / STATUS_JSON, {"step": state.step, "total": state.total_steps or train.max_steps,
-                                                  "loss": row["loss"], "elapsed_s": row["elapsed_s"],
-                                                  "processes": accelerator.num_processes})
-        if is_main and (state.step % train.checkpoint_every == 0 or last):
-            save_checkpoint(out_dir, accelerator.unwrap_model(model), optimizer, state)
-            write_history(out_dir, state.history)
-        accelerator.wait_for_everyone()
-    bar.close()
+                    per_step = state.elapsed_s / state.step
+                per_step *= 1.08  # room for the held-out evaluations
+                fit_steps = state.step + int(max(budget_s - state.elapsed_s, 0) / max(per_step, 1e-6))
+                total = int(max(min(train.max_steps, fit_steps), state.step + 1))
+                if accelerator.num_processes > 1:
+                    total = int(accelerator.gather(torch.tensor([total], device=accelerator.device)).min().item())
+                state.total_steps = total
+                bar.total = state.total_steps
+            if state.total_steps is None and state.step >= train.max_steps:
+                state.total_steps = train.max_steps
+            last = state.step >= (state.total_steps or train.max_steps) or state.elapsed_s >= budget_s
+            if accelerator.num_processes > 1:  # every process must stop at the same step
+                last = bool(accelerator.gather(torch.tensor([int(last)], device=accelerator.device)).max().item())
+                if last:
+                    state.total_steps = state.step
+            if state.step % train.eval_every == 0 or last:
+                row.update(evaluate())
+            state.history.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
+            if is_main:
+                io.write_json(out_dir / STATUS_JSON, {"step": state.step, "total": state.total_steps or train.max_steps,
+                                                      "loss": row["loss"], "elapsed_s": row["elapsed_s"],
+                                                      "processes": accelerator.num_processes})
+            if is_main and (state.step % train.checkpoint_every == 0 or last):
+                save_checkpoint(out_dir, accelerator.unwrap_model(model), optimizer, state)
+                write_history(out_dir, state.history)
+            accelerator.wait_for_everyone()
+        bar.close()
     if is_main:
         write_history(out_dir, state.history)
     backend.model = accelerator.unwrap_model(model)
@@ -424,6 +438,7 @@ def base_key(config: Config) -> str:
         if not spec["number_code"]:  # added after bases were cached: in the key only when set
             del spec["number_code"]
     base = dataclasses.asdict(config.base)
+    del base["prefetch"]  # how the batches are made, not which: the same base either way
     for name in ADDED_BASE_FIELDS:  # fields added after bases were cached: in the key only when set
         if not base[name]:
             del base[name]

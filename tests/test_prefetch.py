@@ -1,0 +1,60 @@
+"""hpelib.data.prefetch: batches made ahead in a spawned process are the stream's own batches."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from hpelib.data import tasks
+from hpelib.data.prefetch import BackgroundStream, DataWorkerError
+from hpelib.data.synth import SceneRenderer
+
+
+class FailingStream:
+    """Module level, so the spawned worker can unpickle it; batch 2 raises."""
+
+    batch_size = 1
+
+    def batch(self, step: int, part: int = 0) -> list:
+        if step == 2:
+            raise ValueError("no scene for step 2")
+        return [step, part]
+
+
+def _same(a, b) -> bool:
+    return (a.prompt, a.answer, a.task) == (b.prompt, b.answer, b.task) and \
+        np.array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def test_background_batches_equal_the_streams_own_in_any_order():
+    stream = tasks.SampleStream(SceneRenderer("synth-train", 64), tasks.BASE_MIX, batch_size=4, seed=3)
+    with BackgroundStream(stream) as background:
+        assert background.batch_size == 4
+        # consecutive steps, then a jump back (a resumed run) and another part (data-parallel rank)
+        for step, part in [(0, 0), (1, 0), (2, 0), (0, 0), (5, 1)]:
+            got, want = background.batch(step, part=part), stream.batch(step, part=part)
+            assert len(got) == len(want) == 4
+            assert all(_same(g, w) for g, w in zip(got, want)), (step, part)
+    with pytest.raises(DataWorkerError, match="closed"):
+        background.batch(0)
+
+
+def test_a_failing_batch_is_raised_with_the_workers_traceback():
+    with BackgroundStream(FailingStream()) as background:
+        assert background.batch(0) == [0, 0]
+        assert background.batch(1) == [1, 0]
+        with pytest.raises(DataWorkerError, match=r"(?s)batch 2 \(part 0\).*ValueError: no scene for step 2"):
+            background.batch(2)
+
+
+def test_an_unpicklable_stream_is_refused_by_name():
+    class Local:  # a local class cannot be pickled by reference
+        batch_size = 1
+        lock = threading.Lock()
+
+    with pytest.raises(TypeError, match="picklable stream; Local"):
+        BackgroundStream(Local())
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        BackgroundStream(FailingStream(), depth=0)
