@@ -1,6 +1,12 @@
 """Benchmarks, and the synthetic LoRA set-ups they and the tests build.
 
     python -m hpelib.bench similarity [--ranks 8 16 64] [--repeat 2] [--threads N] [--out docs/similarity_benchmark.md]
+    python -m hpelib.bench base-step [--profile default] [--steps 16] [--repeat 2] [--threads N]
+
+`base-step` times a tiny base training step in four ways, interleaved so that a machine's
+drifting speed touches them alike: the model's work alone (forward, backward, AdamW on ready
+batches) with the patch embedding as the `Conv3d` and as `PatchProjection`, then `train.fit`'s real
+loop with `prefetch` off and on (docs/tiny_backend.md, "Faster base steps").
 
 `similarity` times the exact low-rank similarity path of `hpelib.similarity` against the dense
 path (`dW = B @ A` materialised, as PEFT's `get_delta_weight` does) on the layer shapes of one
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import os
 import platform
@@ -240,6 +247,64 @@ def machine_md() -> str:
             f"torch {torch.__version__} with {torch.get_num_threads()} threads, Python {platform.python_version()}")
 
 
+BASE_STEP_VARIANTS = ("model, Conv3d patches", "model, PatchProjection", "train.fit, prefetch false",
+                      "train.fit, prefetch true")
+FIT_WARMUP_STEPS = 10  # the first steps of a `fit` (start-up, calibration) are not timed
+
+
+def bench_base_step(profile: str = "default", steps: int = 16, repeat: int = 2, seed: int = 0) -> list[dict]:
+    """Rows `{variant, s_per_step, runs}`: the median seconds per step of each of `BASE_STEP_VARIANTS`
+    over `repeat` interleaved runs of `steps` steps. The model rows time forward, backward and AdamW on
+    ready batches; the `train.fit` rows the real loop (batches made, encoded and trained on) after its
+    first `FIT_WARMUP_STEPS` steps, without held-out checks or checkpoints."""
+    import tempfile
+
+    from hpelib.backends.tiny import PatchProjection, TinyBackend
+    from hpelib.config import make_config
+    from hpelib.data import tasks
+    from hpelib.train import fit, make_renderer
+
+    config = make_config(profile)
+    backend = TinyBackend.build(config, seed=seed)
+    model = backend.model.train()
+    proj = model.model.visual.patch_embed.proj
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.base.lr)
+    stream = tasks.SampleStream(make_renderer(config), tasks.BASE_MIX, config.base.batch_size, seed=seed)
+    ready = [backend.collate([backend.encode(s) for s in stream.batch(i)]) for i in range(steps)]
+
+    def model_steps() -> None:
+        for batch in ready:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    times: dict[str, list[float]] = {v: [] for v in BASE_STEP_VARIANTS}
+    model_steps()  # warm-up
+    for _ in range(repeat):
+        for variant in BASE_STEP_VARIANTS:
+            proj.__class__ = torch.nn.Conv3d if variant == BASE_STEP_VARIANTS[0] else PatchProjection
+            if variant.startswith("model"):
+                start = time.perf_counter()
+                model_steps()
+                times[variant].append((time.perf_counter() - start) / steps)
+                continue
+            total = FIT_WARMUP_STEPS + steps
+            train = dataclasses.replace(config.base, minutes=1e4, max_steps=total, eval_every=10 * total,
+                                        checkpoint_every=10 * total, prefetch=variant.endswith("true"))
+            with tempfile.TemporaryDirectory() as out:
+                history = fit(backend, stream, [], train, out, progress=False)
+            elapsed = history.set_index("step")["elapsed_s"]
+            times[variant].append(float(elapsed[total] - elapsed[FIT_WARMUP_STEPS]) / steps)
+    model.eval()
+    return [{"variant": v, "s_per_step": float(np.median(t)), "runs": t} for v, t in times.items()]
+
+
+def base_step_table_md(rows: list[dict]) -> str:
+    lines = ["| what is timed | s / step (median) | runs |", "|---|---:|---|"]
+    lines += [f"| {r['variant']} | {r['s_per_step']:.3f} | {', '.join(f'{t:.3f}' for t in r['runs'])} |" for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hpelib.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -250,11 +315,21 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--b-scale", type=float, default=0.05, help="factor on random B (sets 1 - cos)")
     sim.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     sim.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
+    step = sub.add_parser("base-step", help="a tiny base training step: patch embedding and batch prefetching, timed")
+    step.add_argument("--profile", default="default", help="the configuration profile (model and batch size)")
+    step.add_argument("--steps", type=int, default=16, help="steps per timed run")
+    step.add_argument("--repeat", type=int, default=2, help="interleaved runs per variant (the median is reported)")
+    step.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    step.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = bench_similarity(args.ranks, args.repeat, args.b_scale)
-    table = similarity_table_md(rows)
+    if args.bench == "similarity":
+        table = similarity_table_md(bench_similarity(args.ranks, args.repeat, args.b_scale))
+    else:
+        if args.steps < 1 or args.repeat < 1:
+            parser.error(f"--steps and --repeat must be >= 1, got {args.steps} and {args.repeat}")
+        table = base_step_table_md(bench_base_step(args.profile, args.steps, args.repeat))
     print(table)
     if args.out is not None:
         from hpelib import io

@@ -58,3 +58,14 @@ def test_an_unpicklable_stream_is_refused_by_name():
         BackgroundStream(Local())
     with pytest.raises(ValueError, match="depth must be >= 1"):
         BackgroundStream(FailingStream(), depth=0)
+
+
+def test_the_base_step_benchmark_times_all_four_ways(capsys):
+    from hpelib import bench
+
+    assert bench.main(["base-step", "--profile", "smoke", "--steps", "1", "--repeat", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "s / step" not in line]
+    assert [row.split(" | ")[0][2:] for row in rows] == list(bench.BASE_STEP_VARIANTS)
+    assert all(float(row.split(" | ")[1]) > 0 for row in rows)
+    with pytest.raises(SystemExit):
+        bench.main(["base-step", "--steps", "0"])
