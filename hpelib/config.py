@@ -278,11 +278,10 @@ class Config:
     angle_decimals: int = 0  # decimals of the angles in answers (integer degrees by default)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    # 20 min (~1300 steps on 2 quiet cores): head grounding emerges between steps 750 and 1000. Shorter
-    # bases were measured whole (README "Time"): 17 min (1129 steps) grounded 94 % of the test heads
-    # but its hpe_rehearsal adapter only 68 % of the head boxes (90 % at 20 min); 16 min: 86 % / 46 %.
-    # 1300 steps, or 20 min on a slow or busy machine: what the 20 min gave the default base before its
-    # steps got faster (1307); head grounding appears after ~600-800 steps (docs/tiny_backend.md)
+    # 1300 steps (what 20 min gave before the steps got faster: 1307; ~15 min on 2 quiet cores now), or
+    # 20 min on a slower or busier machine. Head grounding emerges between steps 600 and 1000; shorter
+    # bases were measured whole (docs/tiny_backend.md, README "Time"): 1129 steps grounded 94 % of the
+    # test heads, 928 steps 86 %, and their hpe_rehearsal adapters (lr 2e-3) 68 % / 46 % of the boxes.
     base: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1300))
     lora: LoraConfig = field(default_factory=LoraConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
