@@ -131,7 +131,7 @@ class TrainConfig:
     vision_minutes: float = 0.0  # base only: > 0 first trains the vision tower this long with a temporary
     # regression head on pose-free targets (hpelib.vision_pretrain), then `minutes` of the curriculum
     prefetch: bool = True  # render the next batches in a background process while the model trains
-    # (hpelib.data.prefetch): the same batches, ~20 % faster base steps on 2 cores. Adapters (side by side,
+    # (hpelib.data.prefetch): the same batches, ~15 % faster base steps on 2 cores. Adapters (side by side,
     # every core busy) set it false
 
     def __post_init__(self) -> None:

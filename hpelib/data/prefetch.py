@@ -1,9 +1,10 @@
 """Training batches made ahead in a background process: `BackgroundStream(stream)`.
 
-A tiny base training step on the 2-core machines is ~0.65 s of model work on two threads and
-~0.2 s of rendering and task building on one (llvmpipe, numpy), so one core idles for a quarter
-of every step. A second process that renders the next batches while the model trains fills that
-gap: 0.77 -> 0.62 s a step, measured (docs/tiny_backend.md, "Faster base steps").
+A tiny base training step on the 2-core machines was ~0.5-0.65 s of model work on two threads and
+~0.2 s of rendering and task building on one (llvmpipe, numpy), so one core idled for a quarter
+of every step. A second process that renders the next batches while the model trains fills part of
+that gap: `train.fit`'s loop went from 0.69 to 0.59 s a step (`python -m hpelib.bench base-step`;
+docs/tiny_backend.md, "Faster base steps").
 
 The stream is pickled into a `spawn`ed process (a fresh interpreter: the OpenGL context is
 per-process and is created there on its first render), which serves `stream.batch(step, part)`
