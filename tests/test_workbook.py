@@ -276,6 +276,23 @@ def test_params_lists_each_notebooks_parameters(env, capsys):
     assert "00_prepare_data.ipynb\n  (missing)" in out
 
 
+@pytest.mark.parametrize("notebook", workbook.NOTEBOOKS)
+def test_papermill_lists_every_parameter_of_the_shipped_notebooks_with_type_and_help(notebook):
+    """`papermill --help-notebook` infers a parameter only from annotations its pattern reads (not
+    `int | None`): every assignment of the parameters cell must come out with a type and its help."""
+    import ast
+
+    import papermill
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / f"{notebook}.ipynb"
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    assigned = [node.target.id for node in ast.parse(cell.source).body if isinstance(node, ast.AnnAssign)]
+    inferred = papermill.inspect_notebook(str(path))
+    assert list(inferred) == assigned, f"{path.name}: papermill does not see {sorted(set(assigned) - set(inferred))}"
+    for name, info in inferred.items():
+        assert info["inferred_type_name"] not in ("None", "") and info["help"].strip(), (path.name, name, info)
+
+
 # --------------------------------------------------------------------------- compare and sweep
 def fake_run(name: str, metrics: dict, **info) -> Path:
     d = paths.run_dir(name)
