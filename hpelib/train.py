@@ -47,6 +47,7 @@ from hpelib import io, paths, prompts
 from hpelib.backends.base import Backend, Sample, get_backend_class
 from hpelib.config import Config, TrainConfig, config_from_dict, make_config
 from hpelib.data import tasks
+from hpelib.data.prefetch import BackgroundStream
 from hpelib.evaluate import box_iou, generate_answers
 from hpelib.geometry import angle_difference
 
@@ -208,18 +209,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-@contextlib.contextmanager
-def _prefetched(stream, prefetch: bool):
-    """`stream`, or its batches made ahead in a background process (`train.prefetch`), closed at the end."""
-    if not prefetch:
-        yield stream
-        return
-    from hpelib.data.prefetch import BackgroundStream
-
-    with BackgroundStream(stream) as background:
-        yield background
-
-
 def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sample], train: TrainConfig,
         out_dir: str | os.PathLike, desc: str = "train", progress: bool = True,
         stop_after_steps: int | None = None) -> pd.DataFrame:
@@ -278,7 +267,8 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
         unwrapped.train()
         return metrics
 
-    with _prefetched(stream, train.prefetch) as stream:
+    # train.prefetch: the same batches, made ahead in a background process (closed at the end)
+    with BackgroundStream(stream) if train.prefetch else contextlib.nullcontext(stream) as stream:
         steps_this_call = 0
         bar = tqdm(total=state.total_steps or train.max_steps, initial=state.step, desc=desc, disable=not (progress and is_main),
                    dynamic_ncols=True)
