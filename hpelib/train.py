@@ -427,6 +427,8 @@ def base_key(config: Config) -> str:
         spec = dataclasses.asdict(TinySpec())
         if not spec["number_code"]:  # added after bases were cached: in the key only when set
             del spec["number_code"]
+        if spec["stem"] == "linear":  # likewise: the stem's fields only for a conv stem
+            del spec["stem"], spec["stem_widths"]
     base = dataclasses.asdict(config.base)
     del base["prefetch"]  # how the batches are made, not which: the same base either way
     for name in ADDED_BASE_FIELDS:  # fields added after bases were cached: in the key only when set

@@ -73,7 +73,8 @@ def main() -> None:
     n_train = int(0.8 * a.n)
     const = np.abs(y[n_train:] - np.median(y[:n_train], 0)).mean(0)
     print(f"constant guess (median): MAE y/p/r {const.round(1)} mean {const.mean():.1f}")
-    for name, backend in (("base", TinyBackend.load(a.base_dir)), ("random init", TinyBackend.build(config))):
+    base = TinyBackend.load(a.base_dir)
+    for name, backend in (("base", base), ("random init", TinyBackend.build(config, spec=base.spec))):
         for key, x in image_token_features(backend, samples).items():
             mae, lam = ridge_mae(x, y, n_train)
             print(f"{name:11s} {key}: MAE y/p/r {mae.round(1)} mean {mae.mean():.1f} (lambda {lam})", flush=True)

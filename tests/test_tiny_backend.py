@@ -6,6 +6,8 @@ images random, so the file runs in seconds without a renderer.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 
 import numpy as np
@@ -14,7 +16,8 @@ import torch
 
 from hpelib import prompts
 from hpelib.backends import Sample, get_backend_class
-from hpelib.backends.tiny import PatchProjection, TinyBackend, TinySpec, build_tokenizer, describe
+from hpelib.backends.tiny import BACKEND_FILE, ConvStem, PatchProjection, TinyBackend, TinySpec, build_tokenizer, \
+    describe
 from hpelib.config import make_config
 from hpelib.data import tasks
 
@@ -165,6 +168,62 @@ def test_patch_projection_is_the_convolution_computed_as_a_matrix_product(backen
     assert same(torch.randn(1, 3, 4, 16, 16)).shape == (1, 16, 2, 2, 2)  # a larger input: the plain convolution
     with pytest.raises(ValueError, match="stride == kernel"):
         PatchProjection.replace(torch.nn.Conv3d(3, 16, kernel_size=3, stride=1))
+
+
+def patches_of(backend, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image processor's normalised `(C, H, W)` pixels of `image` and its patch rows."""
+    ip = backend.image_processor
+    pixels = ip.normalize(ip.rescale(image.transpose(2, 0, 1), ip.rescale_factor), ip.image_mean, ip.image_std)
+    rows, _, _ = ip.patchify(pixels, patch_size=ip.patch_size, merge_size=ip.merge_size,
+                             temporal_patch_size=ip.temporal_patch_size)
+    return torch.from_numpy(pixels).float(), torch.from_numpy(np.ascontiguousarray(rows)).float()
+
+
+def test_conv_stem_sees_the_patches_as_the_image_they_came_from(config):
+    backend = TinyBackend.build(config, spec=dataclasses.replace(MICRO, stem="conv"), seed=0)
+    stem = backend.model.model.visual.patch_embed.stem
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    pixels, rows = zip(*(patches_of(backend, im) for im in images))
+    rows = torch.cat(rows)  # two images' patch rows, one after the other, as a batch has them
+    torch.testing.assert_close(stem.images(rows), torch.stack(pixels))
+    # a map of one value per patch goes back to that patch's row: the mean of the patch's pixels
+    per_patch = torch.nn.functional.avg_pool2d(stem.images(rows), 16).mean(dim=1, keepdim=True)
+    torch.testing.assert_close(stem.tokens(per_patch)[:, 0], rows.mean(dim=1))
+    with pytest.raises(ValueError, match="not whole images"):
+        stem(rows[:5])
+
+
+def test_a_conv_stem_model_starts_as_the_plain_one_and_saves_and_loads(config, tmp_path):
+    plain = TinyBackend.build(config, spec=MICRO, seed=0)
+    backend = TinyBackend.build(config, spec=dataclasses.replace(MICRO, stem="conv"), seed=0)
+    batch = backend.collate([backend.encode(s) for s in random_samples(3)])
+    backend.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(backend.model(**batch).logits, plain.model.eval()(**batch).logits)
+        for p in backend.model.model.visual.patch_embed.stem.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        before = backend.model(**batch).logits
+    assert not torch.allclose(before, plain.model(**batch).logits, atol=1e-3)  # the stem now adds features
+    loaded = TinyBackend.load(backend.save(tmp_path / "stem"))
+    assert loaded.spec == backend.spec and isinstance(loaded.model.model.visual.patch_embed.stem, ConvStem)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**batch).logits, before)
+
+
+def test_a_conv_stem_spec_without_its_weights_is_refused_naming_the_file(config, tmp_path):
+    path = TinyBackend.build(config, spec=MICRO, seed=0).save(tmp_path / "plain")
+    saved = json.loads((path / BACKEND_FILE).read_text())
+    saved["spec"]["stem"] = "conv"
+    (path / BACKEND_FILE).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"model\.safetensors.*does not fit.*missing"):
+        TinyBackend.load(path)
+
+
+def test_tiny_spec_refuses_an_unknown_stem_and_wrong_stem_widths():
+    with pytest.raises(ValueError, match="stem must be one of"):
+        TinySpec(stem="cnn")
+    with pytest.raises(ValueError, match="stem_widths.*3 widths"):
+        TinySpec(stem="conv", stem_widths=[32, 64])
 
 
 def test_generate_returns_answers_the_parser_reads(backend):

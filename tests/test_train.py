@@ -343,3 +343,18 @@ def test_vision_pretraining_trains_the_tower_before_the_curriculum(tmp_path):
         vision_pretrain.scene_targets(FakeRenderer().render(np.random.default_rng(0)))
     with pytest.raises(ValueError, match="lora.train.vision_minutes"):
         make_config("smoke", {"lora.train.vision_minutes": 1.0})
+
+
+def test_the_base_key_knows_a_conv_stem_and_leaves_plain_bases_keys_alone(monkeypatch):
+    """`TinySpec.stem` came after bases were cached: a conv stem is a new base, a plain one keeps its
+    key (the stem's widths are unused and not part of it)."""
+    import functools
+
+    from hpelib.backends import tiny
+
+    config = make_config("default")
+    plain = train.base_key(config)
+    monkeypatch.setattr(tiny, "TinySpec", functools.partial(TinySpec, stem="conv"))
+    assert train.base_key(config) != plain
+    monkeypatch.setattr(tiny, "TinySpec", functools.partial(TinySpec, stem_widths=[8, 8, 8]))
+    assert train.base_key(config) == plain

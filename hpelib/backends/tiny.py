@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionPatchEmbed
 
 from hpelib.backends import hub
 from hpelib.backends.qwen2_vl import CHAT_TEMPLATE, END_OF_TURN, SPECIAL_TOKENS, ImageOnlyQwen2VLProcessor, \
@@ -51,6 +52,7 @@ PAD_TOKEN = "<|endoftext|>"
 # an answer is ~10-15 tokens), numbers of 1-3 digits with an optional minus, words, single characters.
 PRETOKEN_PATTERN = r"\[\[|\]\]| ?(?:yaw|pitch|roll|tilt|depth):|-?[0-9]{1,3}| ?[A-Za-z]+|\s|[^\sA-Za-z0-9]"
 _PRETOKEN_RE = re.compile(PRETOKEN_PATTERN)
+STEMS = ("linear", "conv")  # TinySpec.stem
 MAX_ANGLE_TOKEN = 180  # "-0" .. "-180" are single tokens; beyond +-180 no angle is valid
 
 
@@ -123,6 +125,20 @@ class TinySpec:
     rope_theta: float = 10000.0
     number_code: float = 0.0  # > 0: number tokens start with an ordinal code of this size in their input
     # and output rows (`ordinal_number_init`); 0: plain random rows
+    stem: str = "linear"  # "linear": Qwen-VL's patch projection alone; "conv": plus `ConvStem` (a small CNN
+    # over the whole image whose feature map adds to the patch embedding)
+    stem_widths: list[int] = field(default_factory=lambda: [32, 64, 96])  # "conv": channels of the stride-2
+    # convolutions before the last one (which has `vision_dim`); one stride-2 layer per halving of the patch
+
+    def __post_init__(self) -> None:
+        if self.stem not in STEMS:
+            raise ValueError(f"TinySpec.stem must be one of {STEMS}, got {self.stem!r}")
+        if self.stem == "conv":
+            halvings = self.patch_size.bit_length() - 1
+            if 2 ** halvings != self.patch_size or len(self.stem_widths) != halvings - 1:
+                raise ValueError(f"TinySpec.stem_widths: a conv stem for {self.patch_size} px patches needs a power-of-"
+                                 f"two patch size and {halvings - 1} widths (one stride-2 layer per halving, the last "
+                                 f"of width vision_dim), got {self.stem_widths}")
 
     def grid(self, image_size: int) -> int:
         """Patches per side at `image_size` px; raises unless 2 x 2 merging tiles the image."""
@@ -227,6 +243,8 @@ class TinyBackend(Qwen2VLBackend):
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         torch.manual_seed(config.seed if seed is None else seed)
         model = Qwen3VLForConditionalGeneration(spec.qwen3_vl_config(len(tokenizer), size, ids))
+        if spec.stem == "conv":
+            ConvStem.install(model, spec)
         if spec.number_code > 0:
             ordinal_number_init(model, tokenizer, spec.number_code)
         device = hub.resolve_device(config.model.device)
@@ -240,8 +258,11 @@ class TinyBackend(Qwen2VLBackend):
         if not (path / BACKEND_FILE).exists():
             raise FileNotFoundError(f"{path}: no {BACKEND_FILE}; not a saved tiny backend")
         spec = TinySpec(**json.loads((path / BACKEND_FILE).read_text())["spec"])
-        model = Qwen3VLForConditionalGeneration.from_pretrained(
-            path, use_safetensors=True, device_map={"": str(hub.resolve_device(device))})
+        if spec.stem == "conv":  # not a layer transformers knows: the model is built, then its weights loaded
+            model = _load_with_stem(path, spec, hub.resolve_device(device))
+        else:
+            model = Qwen3VLForConditionalGeneration.from_pretrained(
+                path, use_safetensors=True, device_map={"": str(hub.resolve_device(device))})
         processor = ImageOnlyQwen2VLProcessor.from_pretrained(path, local_files_only=True)
         return cls(model.eval(), processor, spec, source=str(path))
 
@@ -287,6 +308,25 @@ class TinyBackend(Qwen2VLBackend):
         return super().lora_target_modules(language, vision)
 
 
+def _load_with_stem(path: Path, spec: TinySpec, device: torch.device) -> Qwen3VLForConditionalGeneration:
+    """A saved model with a `ConvStem`: built from its config, stem installed, every weight loaded
+    (strictly: a missing or extra weight is an error naming the file)."""
+    from safetensors.torch import load_file
+
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights}: the tiny backend's weights are missing")
+    state = load_file(str(weights))
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig.from_pretrained(path, local_files_only=True))
+    ConvStem.install(model, spec)
+    model.to(dtype=model.lm_head.weight.dtype if "lm_head.weight" not in state else state["lm_head.weight"].dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights}: does not fit a tiny model with spec {spec} "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.to(device)
+
+
 class PatchProjection(torch.nn.Conv3d):
     """A `Conv3d` whose kernel and stride equal its input's size, computed as the linear map it is.
 
@@ -311,6 +351,71 @@ class PatchProjection(torch.nn.Conv3d):
             raise ValueError(f"PatchProjection replaces a plain Conv3d with stride == kernel, got {conv}")
         conv.__class__ = cls
         return conv
+
+
+class ConvStem(torch.nn.Module):
+    """A small CNN over the whole image whose feature map is added to Qwen-VL's patch embedding.
+
+    The patch projection sees each 16 px patch alone and linearly; this sees the image through
+    3 x 3 convolutions, each of stride 2 (conv, GroupNorm, GELU; one per halving of the patch size),
+    so each patch token also carries features with a receptive field across its neighbours, as the
+    hybrid ViTs' CNN stems do. Input and output are the patch embedding's: `(patches, C * T * p * p)`
+    rows in the image processor's order (2 x 2 merge windows first) -> `(patches, vision_dim)`. Every
+    image has the model's size, so the rows of one image are `grid * grid` consecutive ones.
+    """
+
+    def __init__(self, grid: int, patch_size: int, merge: int, widths: list[int], out_dim: int,
+                 channels: int = 3, temporal: int = 2):
+        super().__init__()
+        self.grid, self.patch_size, self.merge, self.channels, self.temporal = grid, patch_size, merge, channels, temporal
+        layers, cin = [], channels
+        for i, width in enumerate([*widths, out_dim]):
+            last = i == len(widths)
+            layers += [torch.nn.Conv2d(cin, width, 3, 2, 1)]
+            if not last:
+                layers += [torch.nn.GroupNorm(min(8, width), width), torch.nn.GELU()]
+            cin = width
+        self.layers = torch.nn.Sequential(*layers)
+        torch.nn.init.zeros_(self.layers[-1].weight)  # starts as the plain patch embedding
+        torch.nn.init.zeros_(self.layers[-1].bias)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        x = self.images(patches)
+        return self.tokens(self.layers(x.to(self.layers[0].weight.dtype)))
+
+    def images(self, patches: torch.Tensor) -> torch.Tensor:
+        """`(patches, C * T * p * p)` rows -> `(images, C, H, W)` (an image's frames are equal: averaged)."""
+        g, m, p, c, t = self.grid, self.merge, self.patch_size, self.channels, self.temporal
+        if patches.dim() != 2 or patches.shape[0] % (g * g) or patches.shape[1] != c * t * p * p:
+            raise ValueError(f"ConvStem: patches {tuple(patches.shape)} are not whole images of {g} x {g} "
+                             f"patches of {c * t * p * p} values")
+        x = patches.view(-1, g // m, g // m, m, m, c, t, p, p).mean(dim=6)
+        return x.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(-1, c, g * p, g * p)
+
+    def tokens(self, maps: torch.Tensor) -> torch.Tensor:
+        """`(images, D, grid, grid)` feature maps -> `(patches, D)` rows in the patches' order."""
+        g, m = self.grid, self.merge
+        y = maps.view(maps.shape[0], -1, g // m, m, g // m, m).permute(0, 2, 4, 3, 5, 1)
+        return y.reshape(-1, y.shape[-1])
+
+    @classmethod
+    def install(cls, model, spec: "TinySpec") -> "ConvStem":
+        """Add a stem to `model`'s vision tower: `patch_embed` then returns projection + stem."""
+        vision = model.config.vision_config
+        grid = int(round(vision.num_position_embeddings ** 0.5))
+        stem = cls(grid, vision.patch_size, vision.spatial_merge_size, list(spec.stem_widths), vision.hidden_size,
+                   vision.in_channels, vision.temporal_patch_size)
+        embed = model.model.visual.patch_embed
+        embed.stem = stem.to(device=embed.proj.weight.device, dtype=embed.proj.weight.dtype)
+        embed.__class__ = _StemPatchEmbed
+        return stem
+
+
+class _StemPatchEmbed(Qwen3VLVisionPatchEmbed):
+    """Qwen3-VL's patch embedding plus its `stem` (`ConvStem.install`)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states) + self.stem(hidden_states)
 
 
 def _image_processor(size: int, patch_size: int):
