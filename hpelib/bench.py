@@ -3,10 +3,11 @@
     python -m hpelib.bench similarity [--ranks 8 16 64] [--repeat 2] [--threads N] [--out docs/similarity_benchmark.md]
     python -m hpelib.bench base-step [--profile default] [--steps 16] [--repeat 2] [--threads N]
 
-`base-step` times a tiny base training step in four ways, interleaved so that a machine's
+`base-step` times a tiny base training step in five ways, interleaved so that a machine's
 drifting speed touches them alike: the model's work alone (forward, backward, AdamW on ready
-batches) with the patch embedding as the `Conv3d` and as `PatchProjection`, then `train.fit`'s real
-loop with `prefetch` off and on (docs/tiny_backend.md, "Faster base steps").
+batches) with the patch embedding as the `Conv3d`, as `PatchProjection`, and with a `ConvStem`
+beside it (`TinySpec.stem = "conv"`), then `train.fit`'s real loop with `prefetch` off and on
+(docs/tiny_backend.md, "Faster base steps" and "A convolutional stem").
 
 `similarity` times the exact low-rank similarity path of `hpelib.similarity` against the dense
 path (`dW = B @ A` materialised, as PEFT's `get_delta_weight` does) on the layer shapes of one
@@ -247,8 +248,8 @@ def machine_md() -> str:
             f"torch {torch.__version__} with {torch.get_num_threads()} threads, Python {platform.python_version()}")
 
 
-BASE_STEP_VARIANTS = ("model, Conv3d patches", "model, PatchProjection", "train.fit, prefetch false",
-                      "train.fit, prefetch true")
+BASE_STEP_VARIANTS = ("model, Conv3d patches", "model, PatchProjection", "model, PatchProjection + ConvStem",
+                      "train.fit, prefetch false", "train.fit, prefetch true")
 FIT_WARMUP_STEPS = 10  # the first steps of a `fit` (start-up, calibration) are not timed
 
 
@@ -259,33 +260,35 @@ def bench_base_step(profile: str = "default", steps: int = 16, repeat: int = 2, 
     first `FIT_WARMUP_STEPS` steps, without held-out checks or checkpoints."""
     import tempfile
 
-    from hpelib.backends.tiny import PatchProjection, TinyBackend
+    from hpelib.backends.tiny import PatchProjection, TinyBackend, TinySpec
     from hpelib.config import make_config
     from hpelib.data import tasks
     from hpelib.train import fit, make_renderer
 
     config = make_config(profile)
     backend = TinyBackend.build(config, seed=seed)
-    model = backend.model.train()
-    proj = model.model.visual.patch_embed.proj
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.base.lr)
+    models = {"plain": backend.model.train(),
+              "stem": TinyBackend.build(config, spec=TinySpec(stem="conv"), seed=seed).model.train()}
+    proj = models["plain"].model.visual.patch_embed.proj
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=config.base.lr) for k, m in models.items()}
     stream = tasks.SampleStream(make_renderer(config), tasks.BASE_MIX, config.base.batch_size, seed=seed)
     ready = [backend.collate([backend.encode(s) for s in stream.batch(i)]) for i in range(steps)]
 
-    def model_steps() -> None:
+    def model_steps(which: str) -> None:
         for batch in ready:
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            models[which](**batch).loss.backward()
+            optimizers[which].step()
+            optimizers[which].zero_grad()
 
     times: dict[str, list[float]] = {v: [] for v in BASE_STEP_VARIANTS}
-    model_steps()  # warm-up
+    for which in models:  # warm-up
+        model_steps(which)
     for _ in range(repeat):
         for variant in BASE_STEP_VARIANTS:
             proj.__class__ = torch.nn.Conv3d if variant == BASE_STEP_VARIANTS[0] else PatchProjection
             if variant.startswith("model"):
                 start = time.perf_counter()
-                model_steps()
+                model_steps("stem" if variant.endswith("ConvStem") else "plain")
                 times[variant].append((time.perf_counter() - start) / steps)
                 continue
             total = FIT_WARMUP_STEPS + steps
@@ -295,7 +298,8 @@ def bench_base_step(profile: str = "default", steps: int = 16, repeat: int = 2, 
                 history = fit(backend, stream, [], train, out, progress=False)
             elapsed = history.set_index("step")["elapsed_s"]
             times[variant].append(float(elapsed[total] - elapsed[FIT_WARMUP_STEPS]) / steps)
-    model.eval()
+    for m in models.values():
+        m.eval()
     return [{"variant": v, "s_per_step": float(np.median(t)), "runs": t} for v, t in times.items()]
 
 
@@ -315,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--b-scale", type=float, default=0.05, help="factor on random B (sets 1 - cos)")
     sim.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     sim.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
-    step = sub.add_parser("base-step", help="a tiny base training step: patch embedding and batch prefetching, timed")
+    step = sub.add_parser("base-step", help="a tiny base training step: patch embedding, conv stem and batch prefetching, timed")
     step.add_argument("--profile", default="default", help="the configuration profile (model and batch size)")
     step.add_argument("--steps", type=int, default=16, help="steps per timed run")
     step.add_argument("--repeat", type=int, default=2, help="interleaved runs per variant (the median is reported)")
