@@ -19,7 +19,8 @@ Design (chosen by experiment, see `docs/tiny_backend.md`):
 
 On a CPU the vision tower's patch embedding (a `Conv3d` whose kernel covers each patch) runs as
 one matrix product (`PatchProjection`: the same weights and outputs; the convolution's backward took
-~90 ms of a ~0.7 s base training step in a profile).
+~90 ms of a ~0.7 s base training step in a profile). `TinySpec.stem = "conv"` adds a small CNN over the
+whole image to the patch embedding (`ConvStem`, an experiment option, off by default: it did not help).
 
 Everything else (encoding with the loss on answer tokens only, collation, batched greedy
 generation) is the `qwen2_vl` backend's code: the embedded model and the hub models share one path.
@@ -319,7 +320,7 @@ def _load_with_stem(path: Path, spec: TinySpec, device: torch.device) -> Qwen3VL
     state = load_file(str(weights))
     model = Qwen3VLForConditionalGeneration(Qwen3VLConfig.from_pretrained(path, local_files_only=True))
     ConvStem.install(model, spec)
-    model.to(dtype=model.lm_head.weight.dtype if "lm_head.weight" not in state else state["lm_head.weight"].dtype)
+    model.to(dtype=next(iter(state.values())).dtype)  # the dtype it was saved in
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights}: does not fit a tiny model with spec {spec} "
@@ -399,7 +400,7 @@ class ConvStem(torch.nn.Module):
         return y.reshape(-1, y.shape[-1])
 
     @classmethod
-    def install(cls, model, spec: "TinySpec") -> "ConvStem":
+    def install(cls, model: Qwen3VLForConditionalGeneration, spec: TinySpec) -> ConvStem:
         """Add a stem to `model`'s vision tower: `patch_embed` then returns projection + stem."""
         vision = model.config.vision_config
         grid = int(round(vision.num_position_embeddings ** 0.5))
