@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--b-scale", type=float, default=0.05, help="factor on random B (sets 1 - cos)")
     sim.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     sim.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
-    step = sub.add_parser("base-step", help="a tiny base training step: patch embedding, conv stem and batch prefetching, timed")
+    step = sub.add_parser("base-step",
+                          help="a tiny base training step: patch embedding, conv stem and batch prefetching, timed")
     step.add_argument("--profile", default="default", help="the configuration profile (model and batch size)")
     step.add_argument("--steps", type=int, default=16, help="steps per timed run")
     step.add_argument("--repeat", type=int, default=2, help="interleaved runs per variant (the median is reported)")

@@ -171,12 +171,12 @@ def test_patch_projection_is_the_convolution_computed_as_a_matrix_product(backen
 
 
 def patches_of(backend, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image processor's normalised `(C, H, W)` pixels of `image` and its patch rows."""
+    """The image processor's normalised `(C, H, W)` pixels of `image`, and the patch rows the
+    backend's own encoding gives the model."""
     ip = backend.image_processor
     pixels = ip.normalize(ip.rescale(image.transpose(2, 0, 1), ip.rescale_factor), ip.image_mean, ip.image_std)
-    rows, _, _ = ip.patchify(pixels, patch_size=ip.patch_size, merge_size=ip.merge_size,
-                             temporal_patch_size=ip.temporal_patch_size)
-    return torch.from_numpy(pixels).float(), torch.from_numpy(np.ascontiguousarray(rows)).float()
+    rows = backend.encode(Sample(image, prompts.HPE_PROMPT, None, "hpe"))["pixel_values"]
+    return torch.from_numpy(pixels).float(), rows.float()
 
 
 def test_conv_stem_sees_the_patches_as_the_image_they_came_from(config):

@@ -368,7 +368,8 @@ class ConvStem(torch.nn.Module):
     def __init__(self, grid: int, patch_size: int, merge: int, widths: list[int], out_dim: int,
                  channels: int = 3, temporal: int = 2):
         super().__init__()
-        self.grid, self.patch_size, self.merge, self.channels, self.temporal = grid, patch_size, merge, channels, temporal
+        self.grid, self.patch_size, self.merge = grid, patch_size, merge
+        self.channels, self.temporal = channels, temporal
         layers, cin = [], channels
         for i, width in enumerate([*widths, out_dim]):
             last = i == len(widths)
