@@ -106,6 +106,9 @@ class ModelConfig:
                "false for the tiny backend (4-bit loading is for pretrained hub models)")
 
 
+VISION_TARGETS = ("boxes", "dense")  # base.vision_targets: see hpelib.vision_pretrain
+
+
 @dataclass
 class TrainConfig:
     """One training stage: base pre-training (all weights) or LoRA fine-tuning."""
@@ -130,6 +133,11 @@ class TrainConfig:
     box_sigma: float = 0.0  # the same for box values, in units of the 0-999 grid
     vision_minutes: float = 0.0  # base only: > 0 first trains the vision tower this long with a temporary
     # regression head on pose-free targets (hpelib.vision_pretrain), then `minutes` of the curriculum
+    vision_targets: str = "boxes"  # what that temporary head predicts: "boxes" (V1: the head's, the face
+    # parts' and the objects' boxes from all tokens at once) or "dense" (V2: per token, what is centred in
+    # its cell: the head's box and 68 landmarks, an object's box, colour, shape and axis)
+    freeze_vision: bool = False  # base only, with vision_minutes > 0: the curriculum leaves the pre-trained
+    # tower as it is and trains its mergers (the projector) and the language model, as LLaVA does
     prefetch: bool = True  # render the next batches in a background process while the model trains
     # (hpelib.data.prefetch): the same batches, ~15 % faster base steps on 2 cores. Adapters (side by side,
     # every core busy) set it false
@@ -137,6 +145,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _positive("minutes", self.minutes)
         _check(isinstance(self.prefetch, bool), "prefetch", self.prefetch, "true or false")
+        _check(isinstance(self.freeze_vision, bool), "freeze_vision", self.freeze_vision, "true or false")
+        _check(self.vision_targets in VISION_TARGETS, "vision_targets", self.vision_targets,
+               f"one of {VISION_TARGETS} (hpelib.vision_pretrain)")
+        _check(not self.freeze_vision or self.vision_minutes > 0, "freeze_vision", self.freeze_vision,
+               "false unless vision_minutes > 0: a tower frozen without pre-training stays random")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_samples", "checkpoint_every"):
             _positive_int(name, getattr(self, name))
         _positive("lr", self.lr)

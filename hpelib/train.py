@@ -414,7 +414,7 @@ def make_renderer(config: Config, domain: str | None = None):
     return SceneRenderer(domain or config.data.train_domain, config.data.image_size)
 
 
-ADDED_BASE_FIELDS = ("angle_sigma", "box_sigma", "vision_minutes")
+ADDED_BASE_FIELDS = ("angle_sigma", "box_sigma", "vision_minutes", "freeze_vision")
 
 
 def base_key(config: Config) -> str:
@@ -434,6 +434,8 @@ def base_key(config: Config) -> str:
     for name in ADDED_BASE_FIELDS:  # fields added after bases were cached: in the key only when set
         if not base[name]:
             del base[name]
+    if base["vision_targets"] == "boxes":  # likewise: V1's targets were the only ones
+        del base["vision_targets"]
     payload = {"model": dataclasses.asdict(config.model), "base": base,
                "image_size": config.data.image_size, "domain": config.data.train_domain, "seed": config.seed,
                "mix": tasks.BASE_MIX, "spec": spec, "version": BASE_VERSION,
@@ -521,6 +523,8 @@ def fit_base(config: Config, progress: bool = True) -> None:
     backend = get_backend_class(config.model.backend).build(config)  # a resumed run loads its checkpoint
     if config.base.vision_minutes > 0:
         _vision_stage(config, backend, cache / "training" / VISION_DIR, progress)
+        if config.base.freeze_vision:
+            freeze_tower(backend)
     stream = tasks.SampleStream(make_renderer(config), tasks.BASE_MIX, per_process_batch(config.base, "base"),
                                 seed=config.seed, decimals=config.angle_decimals)
     history = fit(backend, stream, base_eval_set(config), config.base, cache / "training", desc="base",
@@ -549,11 +553,23 @@ def _vision_stage(config: Config, backend: Backend, out: Path, progress: bool) -
                                 warmup_steps=min(config.base.warmup_steps, VISION_WARMUP))
     history = vision_pretrain.pretrain_vision(backend, make_renderer(config), stage, out,
                                               per_process_batch(config.base, "base"), seed=config.seed,
-                                              progress=progress)
+                                              progress=progress, targets=config.base.vision_targets)
     if int(os.environ.get("RANK", "0")) == 0:
         io.write_json(out / DONE, {"steps": int(history["step"].iloc[-1]),
                                    "minutes": float(history["elapsed_s"].iloc[-1]) / 60,
                                    "loss": float(history["loss"].tail(20).mean())})
+
+
+def freeze_tower(backend: Backend) -> list[str]:
+    """Stop training the vision tower's patch embedding, positions and blocks (`base.freeze_vision`);
+    its mergers, which project the tower's tokens into the language model (LLaVA's projector), keep
+    training. Returns the names of the parameters frozen."""
+    frozen = []
+    for name, p in backend.model.model.visual.named_parameters():
+        if "merger" not in name:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def world_size() -> int:

@@ -3,8 +3,8 @@
     python scripts/pose_probe.py data/cache/base-<key>/model [--n 1600]
 
 Renders `n` synth-train scenes (head-pose prompt), takes the hidden states of the 16 image tokens
-after every decoder layer (`img_L0` = the vision tower's output as the decoder receives it), and
-those at the answer's ` yaw:` token (`yaw_L<k>`: what the position that writes the yaw knows), and
+after every decoder layer (`img_L0` = the vision tower's output as the decoder receives it), of
+the one image token where the head's centre is (`head_L<k>`), and those at the answer's ` yaw:` token (`yaw_L<k>`: what the position that writes the yaw knows), and
 fits ridge regression from them to yaw/pitch/roll on 80 % of the scenes; prints the held-out MAE
 per layer for the given base and for a randomly initialised model of the same spec (the control:
 random features also carry some pose). docs/tiny_backend.md reports what it found.
@@ -25,11 +25,17 @@ from hpelib.data import tasks
 
 def image_token_features(backend: TinyBackend, samples: list, batch: int = 50) -> dict[str, np.ndarray]:
     """`img_L<k>` -> `(n, tokens * hidden)`: the image tokens' hidden states after layer k;
+    `head_L<k>` -> `(n, hidden)`: those of the one image token whose cell holds the head box's
+    centre (what an attention read-out can select; a linear map on all tokens at once has to learn
+    the pose anew for every cell the head may sit in);
     `yaw_L<k>` -> `(n, hidden)`: the hidden state after layer k where the answer's ` yaw:` is read
     (teacher-forced), the one position the angle is written from."""
     backend.model.eval()
     image_id = backend.model.config.image_token_id
     yaw_id = backend.tokenizer.convert_tokens_to_ids(" yaw:")
+    grid = int(round(backend.num_image_tokens ** 0.5))
+    cells = torch.tensor([min(grid - 1, int((b[1] + b[3]) / 2 * grid)) * grid + min(grid - 1, int((b[0] + b[2]) / 2 * grid))
+                          for b in (s.meta["box"] for s in samples)])
     out: dict[str, list[np.ndarray]] = {}
     with torch.no_grad():
         for i in range(0, len(samples), batch):
@@ -39,7 +45,9 @@ def image_token_features(backend: TinyBackend, samples: list, batch: int = 50) -
             mask = b["input_ids"] == image_id
             at_yaw = b["input_ids"] == yaw_id  # the position that predicts the yaw (causal: it sees the box, not the angles)
             for k, h in enumerate(hidden):
-                out.setdefault(f"img_L{k}", []).append(h[mask].reshape(len(mask), -1).numpy())
+                tokens = h[mask].reshape(len(mask), backend.num_image_tokens, -1)
+                out.setdefault(f"img_L{k}", []).append(tokens.reshape(len(mask), -1).numpy())
+                out.setdefault(f"head_L{k}", []).append(tokens[torch.arange(len(mask)), cells[i:i + batch]].numpy())
                 out.setdefault(f"yaw_L{k}", []).append(h[at_yaw].reshape(len(at_yaw), -1).numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
 

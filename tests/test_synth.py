@@ -172,6 +172,30 @@ def test_face_part_boxes_sit_in_the_head_and_follow_the_pose(data_dir):
     assert sample.prompt == f"Where is the {sample.meta['target']}?"
 
 
+def test_landmarks_follow_the_pose_and_mirror_onto_the_mirrored_pose(data_dir):
+    """`meta["landmarks"]`: 68 image points of the head; the mirror of a head at (yaw, pitch, roll)
+    has the landmarks of the head at (-yaw, pitch, -roll), each under its own index (the left eye's
+    points become the right eye's: `render.landmark_mirror`)."""
+    from hpelib.data import tasks
+
+    r = synth.SceneRenderer("synth-train", 128)
+    base = r.sample(synth.scene_rng("synth-train", "test", 0, 1))
+    turned, opposite = r.draw(_plain(base, 40, 10, 15)), r.draw(_plain(base, -40, 10, -15))
+    lm = turned.meta["landmarks"]
+    assert lm.shape == (68, 2)
+    nose_tip = lm[render.NOSE_TIP]
+    np.testing.assert_allclose(nose_tip, turned.meta["nose_xy"], atol=1e-5)
+    perm = render.landmark_mirror()
+    assert sorted(perm) == list(range(68)) and (perm[perm] == np.arange(68)).all() and perm[0] == 16
+    # the scan is not exactly symmetric (its mirrored landmarks sit up to 0.085 half-heights off their
+    # counterparts), so the mirrored pose's points agree within ~2 px at 128 px, not exactly ...
+    err = np.abs(tasks.mirror_scene(turned).meta["landmarks"] - opposite.meta["landmarks"])
+    assert err.max() < 0.025 and err.mean() < 0.005
+    # ... while flipping x without swapping left and right is off by up to a quarter of the image
+    flipped = np.stack([1 - lm[:, 0], lm[:, 1]], axis=1)
+    assert np.abs(flipped - opposite.meta["landmarks"]).max() > 0.15
+
+
 def _skin_offset(scene: synth.Scene) -> np.ndarray:
     """Centroid of the head's bright (skin) pixels minus that of all its pixels, in pixels (x, y)."""
     mask = scene.ids == render.ID_HEAD

@@ -345,6 +345,64 @@ def test_vision_pretraining_trains_the_tower_before_the_curriculum(tmp_path):
         make_config("smoke", {"lora.train.vision_minutes": 1.0})
 
 
+@pytest.mark.usefixtures("data_dir")
+def test_dense_targets_describe_each_cell(tmp_path):
+    """`vision_targets = "dense"`: the head's cell holds its box and landmarks (relative to the box),
+    each object's cell its box, colour, shape and axis; a scene without landmarks is refused by name."""
+    from hpelib import vision_pretrain as vp
+
+    renderer = train.make_renderer(make_config("default"))
+    rng = np.random.default_rng(3)
+    scenes = [renderer.render(rng) for _ in range(6)]
+    scene = max(scenes, key=lambda s: len(s.objects))
+    assert scene.objects
+    t = vp.dense_targets(scene, 4)
+    x0, y0, x1, y1 = scene.box
+    col, row = int((x0 + x1) / 2 * 4), int((y0 + y1) / 2 * 4)
+    assert t["head_index"] == row * 4 + col and t["head_cell"].sum() == 1 and t["head_cell"][row * 4 + col] == 1
+    lm = t["head"][4:].reshape(68, 2) * [x1 - x0, y1 - y0] + [x0, y0]
+    np.testing.assert_allclose(lm, scene.meta["landmarks"], atol=1e-5)
+    np.testing.assert_allclose(t["head"][:4], scene.box)
+    for cell in np.flatnonzero(t["obj_cell"]):
+        obj = next(o for o in tasks.scene_objects(scene) if np.allclose(o["box"], t["obj_box"][cell]))
+        bx0, by0, bx1, by1 = obj["box"]
+        assert int((by0 + by1) / 2 * 4) * 4 + int((bx0 + bx1) / 2 * 4) == cell
+        assert vp.COLOUR_NAMES[t["colour"][cell]] == obj["colour"] and vp.SHAPES[t["shape"][cell]] == obj["shape"]
+        assert t["axis_mask"][cell] == (obj["shape"] != "sphere" and obj["axis"] is not None)
+    assert (t["colour"][t["obj_cell"] == 0] == -1).all()
+    with pytest.raises(ValueError, match=r"meta\['landmarks'\]"):
+        vp.dense_targets(FakeRenderer().render(np.random.default_rng(0)), 4)
+
+
+@pytest.mark.usefixtures("data_dir")
+def test_dense_vision_pretraining_then_a_frozen_tower(tmp_path):
+    """`base.vision_targets = "dense"` trains the tower with the per-token head; `base.freeze_vision`
+    then keeps the tower's blocks as that stage left them while the curriculum trains its mergers."""
+    from safetensors.torch import load_file
+
+    settings = {"base.vision_minutes": 1.0, "base.vision_targets": "dense", "base.max_steps": 2,
+                "base.eval_every": 2, "base.eval_samples": 2, "base.checkpoint_every": 2}
+    config = make_config("smoke", {**settings, "base.freeze_vision": True})
+    unfrozen = make_config("smoke", settings)
+    assert len({train.base_key(config), train.base_key(unfrozen),
+                train.base_key(make_config("smoke", {**settings, "base.vision_targets": "boxes"}))}) == 3
+    backend, _ = train.train_base(config, tmp_path / "base", progress=False)
+    vision = train.base_cache_dir(config) / "training" / train.VISION_DIR
+    vh = pd.read_csv(vision / train.HISTORY_CSV)
+    assert vh["step"].tolist() == [1, 2] and np.isfinite(vh["loss"]).all()
+    tower = load_file(str(train.latest_checkpoint(vision) / "trainable.safetensors"))
+    assert any(k.startswith("head.") for k in tower)  # the dense head trained beside the tower
+    fresh = TinyBackend.build(config).model.model.visual
+    changed = {"blocks": 0, "merger": 0}
+    for n, p in backend.model.model.visual.named_parameters():
+        if "merger" in n:
+            changed["merger"] += not torch.equal(p, tower[f"visual.{n}"])
+        else:
+            torch.testing.assert_close(p, tower[f"visual.{n}"], msg=n)  # frozen after the vision stage
+            changed["blocks"] += not torch.equal(p, dict(fresh.named_parameters())[n])
+    assert changed["merger"] > 0 and changed["blocks"] > 0
+
+
 def test_the_base_key_knows_a_conv_stem_and_leaves_plain_bases_keys_alone(monkeypatch):
     """`TinySpec.stem` came after bases were cached: a conv stem is a new base, a plain one keeps its
     key (the stem's widths are unused and not part of it)."""

@@ -130,6 +130,21 @@ def canonical_frame(landmarks: np.ndarray) -> np.ndarray:
     return np.stack([x, y, z])
 
 
+@functools.lru_cache(maxsize=1)
+def landmark_mirror() -> np.ndarray:
+    """`(68,)` the index of each landmark's left-right counterpart (the chin's ends swap, the
+    nose's middle line maps to itself): the assignment of the canonical landmarks to their mirror
+    images (x -> -x) with the least total distance, an involution."""
+    from scipy.optimize import linear_sum_assignment
+
+    lm = load_head_mesh().landmarks
+    dist = np.linalg.norm((lm * np.array([-1.0, 1.0, 1.0]))[:, None] - lm[None], axis=-1)
+    perm = linear_sum_assignment(dist)[1]
+    if not (perm[perm] == np.arange(len(lm))).all():
+        raise RuntimeError("the head scan's landmarks are not left-right symmetric enough to pair them")
+    return perm
+
+
 @functools.lru_cache(maxsize=2)
 def load_head_mesh(texture_width: int = 1024) -> HeadMesh:
     """Parse the head scan (fetching it on first use) and put it into the canonical frame.

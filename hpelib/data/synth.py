@@ -245,7 +245,9 @@ class Scene:
             cylinder or torus), `axis` (its symmetry axis, +y of the shape, in the camera frame:
             a cone's apex direction) and `pixels` (visible pixel count).
         meta: domain, camera, head placement, light and background parameters, projected nose tip
-            (`nose_xy`) and head centre (`center_xy`) in relative image coordinates.
+            (`nose_xy`) and head centre (`center_xy`) in relative image coordinates, the face
+            parts' boxes (`parts`) and the 68 landmarks' image points (`landmarks`, `(68, 2)`,
+            self-occluded ones too).
         ids: `(H, W)` uint8 instance ids (`render.ID_*`; objects from `ID_FIRST_OBJECT`).
     """
 
@@ -447,7 +449,8 @@ class SceneRenderer:
         meta = dict(params.meta, domain=params.domain, head_pixels=head_pixels,
                     nose_xy=[float(v) for v in R.project(Rm @ mesh.nose_tip + t, params.draw.fov_deg)],
                     center_xy=[float(v) for v in R.project(t, params.draw.fov_deg)],
-                    parts=face_part_boxes(mesh.landmarks @ Rm.T + t, params.draw.fov_deg))
+                    parts=face_part_boxes(mesh.landmarks @ Rm.T + t, params.draw.fov_deg),
+                    landmarks=R.project(mesh.landmarks @ Rm.T + t, params.draw.fov_deg).astype(np.float32))
         return Scene(image, tuple(float(v) for v in box), params.yaw, params.pitch, params.roll,
                      objects, meta, ids)
 

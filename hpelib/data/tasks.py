@@ -236,6 +236,11 @@ def mirror_scene(scene) -> SimpleNamespace:
     meta = dict(_get(scene, "meta", {}) or {}, mirrored=True)
     if meta.get("parts"):  # every part is left-right symmetric: its mirror is the same part
         meta["parts"] = {k: [1.0 - b[2], b[1], 1.0 - b[0], b[3]] for k, b in meta["parts"].items()}
+    if meta.get("landmarks") is not None:  # (68, 2) image points: x mirrors, left and right swap names
+        from hpelib.data.render import landmark_mirror
+
+        lm = np.asarray(meta["landmarks"], np.float32)[landmark_mirror()]
+        meta["landmarks"] = np.stack([1.0 - lm[:, 0], lm[:, 1]], axis=1)
     flip = lambda a: 0.0 - float(a)  # noqa: E731  (0.0 - 0.0 keeps +0.0)
     return SimpleNamespace(image=np.ascontiguousarray(_get(scene, "image")[:, ::-1]),
                            box=(1.0 - x1, y0, 1.0 - x0, y1), yaw=flip(_get(scene, "yaw")),
