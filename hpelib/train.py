@@ -560,16 +560,13 @@ def _vision_stage(config: Config, backend: Backend, out: Path, progress: bool) -
                                    "loss": float(history["loss"].tail(20).mean())})
 
 
-def freeze_tower(backend: Backend) -> list[str]:
+def freeze_tower(backend: Backend) -> None:
     """Stop training the vision tower's patch embedding, positions and blocks (`base.freeze_vision`);
     its mergers, which project the tower's tokens into the language model (LLaVA's projector), keep
-    training. Returns the names of the parameters frozen."""
-    frozen = []
+    training."""
     for name, p in backend.model.model.visual.named_parameters():
         if "merger" not in name:
             p.requires_grad_(False)
-            frozen.append(name)
-    return frozen
 
 
 def world_size() -> int:

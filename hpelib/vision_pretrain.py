@@ -72,7 +72,7 @@ def scene_targets(scene) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(boxes, np.float32), present
 
 
-def _cell(x: float, y: float, grid: int) -> int:
+def cell_index(x: float, y: float, grid: int) -> int:
     """Index of the merged token whose cell holds the relative image point `(x, y)` (row-major,
     the order of Qwen-VL's merged image tokens)."""
     col, row = (min(grid - 1, max(0, int(v * grid))) for v in (x, y))
@@ -94,7 +94,7 @@ def dense_targets(scene, grid: int) -> dict[str, np.ndarray]:
     x0, y0, x1, y1 = tasks.head_box(scene)
     rel = (np.asarray(landmarks, np.float32) - [x0, y0]) / [max(x1 - x0, 1e-6), max(y1 - y0, 1e-6)]
     t = {"head_cell": np.zeros(cells, np.float32), "obj_cell": np.zeros(cells, np.float32),
-         "head_index": np.int64(_cell((x0 + x1) / 2, (y0 + y1) / 2, grid)),
+         "head_index": np.int64(cell_index((x0 + x1) / 2, (y0 + y1) / 2, grid)),
          "head": np.concatenate([[x0, y0, x1, y1], rel.reshape(-1)]).astype(np.float32),
          "obj_box": np.zeros((cells, 4), np.float32), "colour": np.full(cells, -1, np.int64),
          "shape": np.full(cells, -1, np.int64), "axis": np.zeros((cells, 3), np.float32),
@@ -103,7 +103,7 @@ def dense_targets(scene, grid: int) -> dict[str, np.ndarray]:
     area = lambda o: (o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1])  # noqa: E731
     for o in sorted(tasks.scene_objects(scene), key=area, reverse=True):
         bx0, by0, bx1, by1 = o["box"]
-        c = _cell((bx0 + bx1) / 2, (by0 + by1) / 2, grid)
+        c = cell_index((bx0 + bx1) / 2, (by0 + by1) / 2, grid)
         if t["obj_cell"][c] or o["colour"] not in COLOUR_NAMES or o["shape"] not in SHAPES:
             continue
         t["obj_cell"][c] = 1.0

@@ -4,7 +4,8 @@
 
 Renders `n` synth-train scenes (head-pose prompt), takes the hidden states of the 16 image tokens
 after every decoder layer (`img_L0` = the vision tower's output as the decoder receives it), of
-the one image token where the head's centre is (`head_L<k>`), and those at the answer's ` yaw:` token (`yaw_L<k>`: what the position that writes the yaw knows), and
+the one image token where the head's centre is (`head_L<k>`), and those at the answer's ` yaw:`
+token (`yaw_L<k>`: what the position that writes the yaw knows), and
 fits ridge regression from them to yaw/pitch/roll on 80 % of the scenes; prints the held-out MAE
 per layer for the given base and for a randomly initialised model of the same spec (the control:
 random features also carry some pose). docs/tiny_backend.md reports what it found.
@@ -21,6 +22,7 @@ from hpelib import train
 from hpelib.backends.tiny import TinyBackend
 from hpelib.config import make_config
 from hpelib.data import tasks
+from hpelib.vision_pretrain import cell_index, merged_grid
 
 
 def image_token_features(backend: TinyBackend, samples: list, batch: int = 50) -> dict[str, np.ndarray]:
@@ -33,9 +35,8 @@ def image_token_features(backend: TinyBackend, samples: list, batch: int = 50) -
     backend.model.eval()
     image_id = backend.model.config.image_token_id
     yaw_id = backend.tokenizer.convert_tokens_to_ids(" yaw:")
-    grid = int(round(backend.num_image_tokens ** 0.5))
-    cells = torch.tensor([min(grid - 1, int((b[1] + b[3]) / 2 * grid)) * grid + min(grid - 1, int((b[0] + b[2]) / 2 * grid))
-                          for b in (s.meta["box"] for s in samples)])
+    grid = merged_grid(backend)
+    cells = torch.tensor([cell_index((b[0] + b[2]) / 2, (b[1] + b[3]) / 2, grid) for b in (s.meta["box"] for s in samples)])
     out: dict[str, list[np.ndarray]] = {}
     with torch.no_grad():
         for i in range(0, len(samples), batch):
