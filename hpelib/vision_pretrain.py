@@ -53,7 +53,8 @@ COLOUR_NAMES = tuple(COLORS)
 DENSE_WIDTH = 256  # the dense head's hidden width, per token
 # per token: head-here and object-here logits, the head's box and landmarks, an object's box,
 # colour, shape and axis (cos 2 tilt, sin 2 tilt, depth / 90)
-DENSE_OUT = 2 + 4 + 2 * N_LANDMARKS + 4 + len(COLOUR_NAMES) + len(SHAPES) + 3
+DENSE_SPLIT = (2, 4 + 2 * N_LANDMARKS, 4, len(COLOUR_NAMES), len(SHAPES), 3)
+DENSE_OUT = sum(DENSE_SPLIT)
 
 
 def scene_targets(scene) -> tuple[np.ndarray, np.ndarray]:
@@ -130,13 +131,17 @@ class DenseVisionPretrainer(torch.nn.Module):
         self.head = torch.nn.Sequential(torch.nn.Linear(visual.config.out_hidden_size, DENSE_WIDTH), torch.nn.GELU(),
                                         torch.nn.Linear(DENSE_WIDTH, DENSE_OUT))
 
+    def outputs(self, pixel_values, image_grid_thw) -> tuple[torch.Tensor, ...]:
+        """Per image and token (`(n, tokens, .)` each, `DENSE_SPLIT`): head-here / object-here
+        logits, the head's box and landmarks, an object's box, colour and shape logits, its axis."""
+        feats = self.visual(pixel_values, grid_thw=image_grid_thw, return_dict=True).pooler_output
+        out = self.head(feats.reshape(len(image_grid_thw), self.tokens, -1))
+        return torch.split(out, DENSE_SPLIT, dim=-1)
+
     def forward(self, pixel_values, image_grid_thw, head_cell, obj_cell, head_index, head, obj_box, colour, shape,
                 axis, axis_mask) -> SimpleNamespace:
         n = len(head_cell)
-        feats = self.visual(pixel_values, grid_thw=image_grid_thw, return_dict=True).pooler_output
-        out = self.head(feats.reshape(n, self.tokens, -1))
-        sizes = (2, 4 + 2 * N_LANDMARKS, 4, len(COLOUR_NAMES), len(SHAPES), 3)
-        here, head_out, box_out, colour_out, shape_out, axis_out = torch.split(out, sizes, dim=-1)
+        here, head_out, box_out, colour_out, shape_out, axis_out = self.outputs(pixel_values, image_grid_thw)
         loss = (F.binary_cross_entropy_with_logits(here[..., 0], head_cell)
                 + F.binary_cross_entropy_with_logits(here[..., 1], obj_cell))
         at_head = head_out[torch.arange(n), head_index]

@@ -54,11 +54,8 @@ def main() -> None:
     with torch.no_grad():
         for i in range(0, a.n, 50):
             batch = job.collate([job.encode((s.image, t)) for s, t in zip(scenes[i:i + 50], targets[i:i + 50])])
-            feats = job.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"],
-                                     return_dict=True).pooler_output
-            outs.append(job.model.head(feats.reshape(len(batch["head_cell"]), grid * grid, -1)))
-    sizes = (2, 4 + 2 * vp.N_LANDMARKS, 4, len(vp.COLOUR_NAMES), len(vp.SHAPES), 3)
-    here, head_out, box_out, colour_out, shape_out, _ = torch.split(torch.cat(outs), sizes, dim=-1)
+            outs.append(job.model.outputs(batch["pixel_values"], batch["image_grid_thw"]))
+    here, head_out, box_out, colour_out, shape_out, _ = (torch.cat(parts) for parts in zip(*outs))
     stack = lambda k: torch.as_tensor(np.stack([t[k] for t in targets]))  # noqa: E731
     head_cell, obj_cell, colour, shape = stack("head_cell"), stack("obj_cell") > 0, stack("colour"), stack("shape")
     found = here[..., 1] > 0
