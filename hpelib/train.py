@@ -425,8 +425,9 @@ def base_key(config: Config) -> str:
         from hpelib.backends.tiny import TinySpec
 
         spec = dataclasses.asdict(TinySpec())
-        if not spec["number_code"]:  # added after bases were cached: in the key only when set
-            del spec["number_code"]
+        for name in ("number_code", "angle_circle"):  # added after bases were cached: in the key only when set
+            if not spec[name]:
+                del spec[name]
         if spec["stem"] == "linear":  # likewise: the stem's fields only for a conv stem
             del spec["stem"], spec["stem_widths"]
     base = dataclasses.asdict(config.base)

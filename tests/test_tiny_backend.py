@@ -312,3 +312,26 @@ def test_ordinal_number_rows_let_a_linear_read_out_pick_any_angle(config):
         assert values[int(logits.argmax())] == mu
     other = [i for t, i in tok.get_vocab().items() if t.isalpha()]
     assert torch.equal(coded.model.lm_head.weight[other], plain.model.lm_head.weight[other])  # words untouched
+
+
+def test_circular_angle_rows_turn_the_most_likely_angle_with_the_hidden_state(config):
+    """`TinySpec.angle_circle`: the angle tokens' output rows differ from the plain ones by a point
+    on a circle of that radius at the token's angle, so a hidden state pointing at `mu` in that
+    plane makes `mu` the most likely angle, for any `mu`, and -180 and 180 are neighbours."""
+
+    plain = TinyBackend.build(config, spec=MICRO, seed=0)
+    coded = TinyBackend.build(config, spec=dataclasses.replace(MICRO, angle_circle=2.0), seed=0)
+    tok = plain.tokenizer
+    values = list(range(-180, 181))
+    ids = [tok.convert_tokens_to_ids(str(v)) for v in values]
+    diff = (coded.model.lm_head.weight - plain.model.lm_head.weight)[ids].detach()
+    assert torch.allclose(diff.norm(dim=1), torch.full((len(ids),), 2.0), atol=1e-5)  # all on the circle
+    assert torch.linalg.matrix_rank(diff).item() == 2
+    e1, e2 = diff[values.index(0)] / 2.0, diff[values.index(90)] / 2.0
+    assert abs(float(e1 @ e2)) < 1e-5
+    for mu in (-180, -97, -3, 0, 41, 135):
+        h = np.cos(np.radians(mu)) * e1 + np.sin(np.radians(mu)) * e2
+        assert values[int((diff @ h.float()).argmax())] in ({-180, 180} if abs(mu) == 180 else {mu})
+    assert torch.equal(coded.model.get_input_embeddings().weight, plain.model.get_input_embeddings().weight)
+    other = [i for t, i in tok.get_vocab().items() if t.isalpha()]
+    assert torch.equal(coded.model.lm_head.weight[other], plain.model.lm_head.weight[other])  # words untouched

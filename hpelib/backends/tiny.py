@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -126,6 +127,8 @@ class TinySpec:
     rope_theta: float = 10000.0
     number_code: float = 0.0  # > 0: number tokens start with an ordinal code of this size in their input
     # and output rows (`ordinal_number_init`); 0: plain random rows
+    angle_circle: float = 0.0  # > 0: the angle tokens' output rows start with a circular code of this radius
+    # (`circular_angle_init`), so a hidden state's direction in one plane picks the angle; 0: plain rows
     stem: str = "linear"  # "linear": Qwen-VL's patch projection alone; "conv": plus `ConvStem` (a small CNN
     # over the whole image whose feature map adds to the patch embedding)
     stem_widths: list[int] = field(default_factory=lambda: [32, 64, 96])  # "conv": channels of the stride-2
@@ -203,6 +206,32 @@ def ordinal_number_init(model, tokenizer, scale: float, seed: int = 0) -> None:
             in_rows[i] += code.to(in_rows.dtype)
 
 
+def circular_angle_init(model, tokenizer, radius: float, seed: int = 1) -> None:
+    """Give the angle tokens output rows whose logits peak where a hidden state points.
+
+    Each angle token `v` (-180..180) gets `radius * (cos(v) e1 + sin(v) e2)` added to its output
+    row, in a plane of two fixed random orthonormal directions. A hidden state whose part in that
+    plane points at angle `phi` then gives the angles the logits `radius * |h_plane| * cos(v - phi)`
+    plus the rows' random part: the most likely angle turns with the hidden state, and the loss's
+    gradient pulls it round toward the true angle, as a regression's would. Random rows (and
+    `ordinal_number_init`'s parabola, whose peak sharpens only with the hidden state's norm) leave
+    a LoRA to learn one direction per angle; with them every measured adapter wrote one constant
+    pose (docs/tiny_backend.md, "A circular code for the angle tokens"). Input embeddings are left
+    as they are, and so are the words; `100`..`180` are box values too and get the code as well.
+    """
+    from hpelib.soft_targets import number_tokens_by_kind
+
+    gen = torch.Generator().manual_seed(seed)
+    hidden = model.config.text_config.hidden_size
+    e1, e2 = torch.linalg.qr(torch.randn(hidden, 2, generator=gen))[0].T
+    rows = model.lm_head.weight
+    angles, _ = number_tokens_by_kind(tokenizer.get_vocab())
+    with torch.no_grad():
+        for v, i in angles:
+            t = math.radians(v)
+            rows[i] += (radius * (math.cos(t) * e1 + math.sin(t) * e2)).to(rows.dtype)
+
+
 class TinyBackend(Qwen2VLBackend):
     """Qwen3-VL at toy size; the embedded default (`model.backend = "tiny"`).
 
@@ -248,6 +277,8 @@ class TinyBackend(Qwen2VLBackend):
             ConvStem.install(model, spec)
         if spec.number_code > 0:
             ordinal_number_init(model, tokenizer, spec.number_code)
+        if spec.angle_circle > 0:
+            circular_angle_init(model, tokenizer, spec.angle_circle)
         device = hub.resolve_device(config.model.device)
         model.to(dtype=getattr(torch, config.model.dtype), device=device)
         return cls(model, processor, spec)
