@@ -18,3 +18,56 @@ def test_script_prints_its_help(script, monkeypatch, capsys):
         runpy.run_path(str(script), run_name="__main__")
     assert stop.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def _run(script: str, argv: list[str], monkeypatch) -> None:
+    path = Path(__file__).parent.parent / "scripts" / script
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    runpy.run_path(str(path), run_name="__main__")
+
+
+def test_read_out_and_capacity_scripts_run_on_a_micro_base(tmp_path, data_dir, run_root, monkeypatch, capsys,
+                                                           one_thread):
+    """`angle_readout.py` scores a saved base's angle distributions; `pose_capacity.py` trains a real
+    LoRA with its regression head and writes the held-out MAE it reached (docs/tiny_backend.md, R1 / R2)."""
+    import dataclasses
+    import json
+    import math
+
+    from hpelib.backends.tiny import TinyBackend, TinySpec
+    from hpelib.config import make_config
+
+    micro = TinySpec(hidden_size=32, layers=1, heads=2, intermediate_size=64, vision_dim=16, vision_depth=2,
+                     vision_heads=2, vision_intermediate_size=32, deepstack=[1])
+    TinyBackend.build(make_config("default"), spec=micro, seed=0).save(tmp_path / "base")
+
+    _run("angle_readout.py", [str(tmp_path / "base"), "none", "--n", "6"], monkeypatch)
+    lines = capsys.readouterr().out.splitlines()
+    rows = [ln for ln in lines if ln.split(":")[0].strip() in ("yaw", "pitch", "roll")]
+    assert len(rows) == 3
+    entropies = [float(ln.rsplit("entropy", 1)[1]) for ln in rows]
+    assert all(0 < e <= math.log(361) + 1e-6 for e in entropies)  # a distribution over the 361 angle tokens
+    assert lines[-1].startswith("mean : argmax MAE")
+
+    _run("pose_capacity.py", [str(tmp_path / "base"), "--name", "cap", "--minutes", "0.05", "--n-eval", "6",
+                              "--save"], monkeypatch)
+    result = json.loads((run_root / "experiments" / "cap" / "capacity.json").read_text())
+    assert result["steps"] >= 1 and result["rank"] == make_config("default").lora.rank
+    assert set(result["final"]) == {"mae_yaw", "mae_pitch", "mae_roll", "mae_mean"}
+    assert all(0 < v < 360 for v in result["final"].values())
+    capsys.readouterr()
+    _run("angle_readout.py", [str(tmp_path / "base"), str(run_root / "experiments" / "cap" / "adapter"), "--n", "6"],
+         monkeypatch)  # the saved LoRA loads and is scored
+    assert capsys.readouterr().out.splitlines()[-1].startswith("mean : argmax MAE")
+    with pytest.raises(SystemExit, match="has no conv stem"):  # LoRA on a stem the base does not have
+        _run("pose_capacity.py", [str(tmp_path / "base"), "--name", "cap2", "--lora-stem"], monkeypatch)
+
+    stem = dataclasses.replace(micro, stem="conv", stem_widths=[8, 8, 8])
+    TinyBackend.build(make_config("default"), spec=stem, seed=0).save(tmp_path / "stem_base")
+    trained = {}
+    for name, extra in (("plain", []), ("stem", ["--lora-stem"])):
+        _run("pose_capacity.py", [str(tmp_path / "stem_base"), "--name", name, "--minutes", "0.02", "--n-eval", "2",
+                                  *extra], monkeypatch)
+        trained[name] = json.loads((run_root / "experiments" / name / "capacity.json").read_text())["trained_params"]
+    # rank-8 LoRA A and B on the four 3 x 3 convolutions: (3 + 8 + 8 + 8) * 9 * 8 in, (8 + 8 + 8 + 16) * 8 out
+    assert trained["stem"] - trained["plain"] == (3 + 8 + 8 + 8) * 9 * 8 + (8 + 8 + 8 + 16) * 8
