@@ -10,7 +10,7 @@ with the truth, and the distribution's entropy (ln 361 = 5.9 for a uniform one; 
 marginal of the yaw is about 5.2). A broad distribution whose expectation barely moves says the
 answer position knows little; one whose expectation tracks the truth while the argmax does not says
 the read-out is what fails. `none` as the adapter scores the base itself. docs/tiny_backend.md
-("A circular code for the angle tokens") reports what it found.
+("The answer's angle distribution, ...", R1 and R2) reports what it found.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from hpelib.soft_targets import number_tokens_by_kind
 ANGLES = ("yaw", "pitch", "roll")
 
 
-def angle_distributions(backend: TinyBackend, samples: list, batch: int = 50) -> torch.Tensor:
-    """`(n, 3, 361)`: the softmax over the angle tokens (-180..180) where each angle is written."""
+def angle_distributions(backend: TinyBackend, samples: list, batch: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(values, probs)`: the angle tokens' values (-180..180) and `(n, 3, 361)` softmaxes over them
+    where each angle is written."""
     angles, _ = number_tokens_by_kind(backend.tokenizer.get_vocab())
     ids = torch.tensor([i for _, i in angles])
     fields = [backend.tokenizer.convert_tokens_to_ids(f" {k}:") for k in ANGLES]
@@ -43,7 +44,7 @@ def angle_distributions(backend: TinyBackend, samples: list, batch: int = 50) ->
             rows = torch.arange(len(logits))
             per_field = [logits[rows, (enc["input_ids"] == f).float().argmax(1)][:, ids] for f in fields]
             out.append(torch.stack(per_field, 1).softmax(-1))
-    return torch.cat(out)
+    return torch.tensor([v for v, _ in angles], dtype=torch.float), torch.cat(out)
 
 
 def main() -> None:
@@ -64,8 +65,7 @@ def main() -> None:
 
         backend.model = PeftModel.from_pretrained(backend.model, a.adapter)
     backend.model.eval()
-    values = torch.tensor([v for v, _ in number_tokens_by_kind(backend.tokenizer.get_vocab())[0]], dtype=torch.float)
-    probs = angle_distributions(backend, samples)
+    values, probs = angle_distributions(backend, samples)
     argmax = values[probs.argmax(-1)].numpy()
     expected = (probs @ values).numpy()
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean(0).numpy()

@@ -14,7 +14,7 @@ after the same minutes: if even a direct regression stays above the 10-deg bar, 
 those features through answer tokens will go below it. `--save` keeps the LoRA, so
 `scripts/angle_readout.py` can show what its answers make of those features. Writes
 `runs/experiments/<name>/capacity.json` (the MAE every 50 steps and at the end).
-docs/tiny_backend.md ("What the LoRA stage can learn at all", R2) reports what it found.
+docs/tiny_backend.md (R2, "... what the LoRA stage can learn at all") reports what it found.
 """
 
 from __future__ import annotations
@@ -77,9 +77,10 @@ def main() -> None:
     p.add_argument("--layer", type=int, default=None,
                    help="after which decoder layer (0: the decoder's input); default 0 at the head, the last at the answer")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (alpha = 2 x rank); default: the profile's")
-    p.add_argument("--full", action="store_true", help="train every weight instead of a LoRA")
-    p.add_argument("--lora-stem", action="store_true",
-                   help="LoRA on a conv stem's convolutions too (`TinySpec.stem` conv; not a workbook target)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--full", action="store_true", help="train every weight instead of a LoRA")
+    what.add_argument("--lora-stem", action="store_true",
+                      help="LoRA on a conv stem's convolutions too (`TinySpec.stem` conv; not a workbook target)")
     p.add_argument("--lr", type=float, default=None, help="default: the profile's LoRA learning rate")
     p.add_argument("--weight", type=float, default=10.0, help="the regression loss's weight beside the LM loss")
     p.add_argument("--minutes", type=float, default=4.0, help="training time (held-out checks not counted)")
@@ -137,7 +138,7 @@ def main() -> None:
         y = torch.tensor([[samples[i].meta[k] for k in ANGLES] for i in pose], dtype=torch.float) / SCALE
         feats = read_rows(backend, out.hidden_states[a.layer][pose], batch["input_ids"][pose],
                           [samples[i] for i in pose], a.at)
-        regression = torch.nn.functional.smooth_l1_loss(head(feats), y)
+        regression = torch.nn.functional.smooth_l1_loss(head(feats), y) if pose else torch.zeros(())
         (out.loss + a.weight * regression).backward()
         torch.nn.utils.clip_grad_norm_(params + list(head.parameters()), config.lora.train.max_grad_norm)
         optimizer.step()

@@ -290,17 +290,20 @@ def test_generation_budget_follows_the_reference_answers_in_the_backends_tokens(
     assert answer_token_budget(backend, unanswered) == FALLBACK_MAX_NEW_TOKENS
 
 
+def _angle_rows_with(config, **spec_fields):
+    """A plain micro model, one built with `spec_fields` from the same seed, the angle values
+    -180..180, their token ids, and how the coded model's output rows for them differ."""
+    plain = TinyBackend.build(config, spec=MICRO, seed=0)
+    coded = TinyBackend.build(config, spec=dataclasses.replace(MICRO, **spec_fields), seed=0)
+    values = list(range(-180, 181))
+    ids = [plain.tokenizer.convert_tokens_to_ids(str(v)) for v in values]
+    return plain, coded, values, ids, (coded.model.lm_head.weight - plain.model.lm_head.weight)[ids].detach()
+
+
 def test_ordinal_number_rows_let_a_linear_read_out_pick_any_angle(config):
     """`TinySpec.number_code`: the rows of the angle tokens differ from the plain ones by a
     parabola in the value, so a hidden state `mu/180 e1 + e2` makes `mu` the most likely angle."""
-    import dataclasses
-
-    plain = TinyBackend.build(config, spec=MICRO, seed=0)
-    coded = TinyBackend.build(config, spec=dataclasses.replace(MICRO, number_code=0.5), seed=0)
-    tok = plain.tokenizer
-    values = list(range(-180, 181))
-    ids = [tok.convert_tokens_to_ids(str(v)) for v in values]
-    diff = (coded.model.lm_head.weight - plain.model.lm_head.weight)[ids].detach()
+    plain, coded, values, ids, diff = _angle_rows_with(config, number_code=0.5)
     assert torch.allclose(coded.model.get_input_embeddings().weight[ids] - plain.model.get_input_embeddings().weight[ids],
                           diff)
     assert torch.linalg.matrix_rank(diff[81:280]).item() == 2  # -99..99: one plane (100..180 are box values too)
@@ -310,7 +313,7 @@ def test_ordinal_number_rows_let_a_linear_read_out_pick_any_angle(config):
     for mu in (-90, 0, 45, 170):
         logits = diff @ (mu / 180 * e1 + e2)
         assert values[int(logits.argmax())] == mu
-    other = [i for t, i in tok.get_vocab().items() if t.isalpha()]
+    other = [i for t, i in plain.tokenizer.get_vocab().items() if t.isalpha()]
     assert torch.equal(coded.model.lm_head.weight[other], plain.model.lm_head.weight[other])  # words untouched
 
 
@@ -318,13 +321,7 @@ def test_circular_angle_rows_turn_the_most_likely_angle_with_the_hidden_state(co
     """`TinySpec.angle_circle`: the angle tokens' output rows differ from the plain ones by a point
     on a circle of that radius at the token's angle, so a hidden state pointing at `mu` in that
     plane makes `mu` the most likely angle, for any `mu`, and -180 and 180 are neighbours."""
-
-    plain = TinyBackend.build(config, spec=MICRO, seed=0)
-    coded = TinyBackend.build(config, spec=dataclasses.replace(MICRO, angle_circle=2.0), seed=0)
-    tok = plain.tokenizer
-    values = list(range(-180, 181))
-    ids = [tok.convert_tokens_to_ids(str(v)) for v in values]
-    diff = (coded.model.lm_head.weight - plain.model.lm_head.weight)[ids].detach()
+    plain, coded, values, ids, diff = _angle_rows_with(config, angle_circle=2.0)
     assert torch.allclose(diff.norm(dim=1), torch.full((len(ids),), 2.0), atol=1e-5)  # all on the circle
     assert torch.linalg.matrix_rank(diff).item() == 2
     e1, e2 = diff[values.index(0)] / 2.0, diff[values.index(90)] / 2.0
@@ -333,5 +330,5 @@ def test_circular_angle_rows_turn_the_most_likely_angle_with_the_hidden_state(co
         h = np.cos(np.radians(mu)) * e1 + np.sin(np.radians(mu)) * e2
         assert values[int((diff @ h.float()).argmax())] in ({-180, 180} if abs(mu) == 180 else {mu})
     assert torch.equal(coded.model.get_input_embeddings().weight, plain.model.get_input_embeddings().weight)
-    other = [i for t, i in tok.get_vocab().items() if t.isalpha()]
+    other = [i for t, i in plain.tokenizer.get_vocab().items() if t.isalpha()]
     assert torch.equal(coded.model.lm_head.weight[other], plain.model.lm_head.weight[other])  # words untouched
