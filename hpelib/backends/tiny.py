@@ -216,7 +216,8 @@ def circular_angle_init(model, tokenizer, radius: float, seed: int = 1) -> None:
     gradient pulls it round toward the true angle, as a regression's would. Random rows (and
     `ordinal_number_init`'s parabola, whose peak sharpens only with the hidden state's norm) leave
     a LoRA to learn one direction per angle; with them every measured adapter wrote one constant
-    pose. With these rows they did no better (docs/tiny_backend.md, R1). Input embeddings are left
+    pose. With these rows on the default tower they did no better (docs/tiny_backend.md, R1); on the
+    frozen dense tower one of two adapters' yaw followed the head (DC1). Input embeddings are left
     as they are, and so are the words; `100`..`180` are box values too and get the code as well.
     """
     from hpelib.soft_targets import number_tokens_by_kind
