@@ -141,10 +141,13 @@ class TrainConfig:
     prefetch: bool = True  # render the next batches in a background process while the model trains
     # (hpelib.data.prefetch): the same batches, ~15 % faster base steps on 2 cores. Adapters (side by side,
     # every core busy) set it false
+    prefetch_workers: int = 1  # processes rendering ahead when `prefetch`: more where cores are many and the
+    # model's step is fast (a GPU), where one cannot keep up. The same batches whatever the number
 
     def __post_init__(self) -> None:
         _positive("minutes", self.minutes)
         _check(isinstance(self.prefetch, bool), "prefetch", self.prefetch, "true or false")
+        _positive_int("prefetch_workers", self.prefetch_workers)
         _check(isinstance(self.freeze_vision, bool), "freeze_vision", self.freeze_vision, "true or false")
         _check(self.vision_targets in VISION_TARGETS, "vision_targets", self.vision_targets,
                f"one of {VISION_TARGETS} (hpelib.vision_pretrain)")

@@ -267,8 +267,9 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
         unwrapped.train()
         return metrics
 
-    # train.prefetch: the same batches, made ahead in a background process (closed at the end)
-    with BackgroundStream(stream) if train.prefetch else contextlib.nullcontext(stream) as stream:
+    # train.prefetch: the same batches, made ahead in background processes (closed at the end)
+    with BackgroundStream(stream, workers=train.prefetch_workers) if train.prefetch \
+            else contextlib.nullcontext(stream) as stream:
         steps_this_call = 0
         bar = tqdm(total=state.total_steps or train.max_steps, initial=state.step, desc=desc, disable=not (progress and is_main),
                    dynamic_ncols=True)
@@ -431,7 +432,7 @@ def base_key(config: Config) -> str:
         if spec["stem"] == "linear":  # likewise: the stem's fields only for a conv stem
             del spec["stem"], spec["stem_widths"]
     base = dataclasses.asdict(config.base)
-    del base["prefetch"]  # how the batches are made, not which: the same base either way
+    del base["prefetch"], base["prefetch_workers"]  # how the batches are made, not which: the same base either way
     for name in ADDED_BASE_FIELDS:  # fields added after bases were cached: in the key only when set
         if not base[name]:
             del base[name]

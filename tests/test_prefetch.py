@@ -41,6 +41,19 @@ def test_background_batches_equal_the_streams_own_in_any_order():
         background.batch(0)
 
 
+def test_several_workers_make_the_same_batches_as_one():
+    stream = tasks.SampleStream(SceneRenderer("synth-train", 64), tasks.BASE_MIX, batch_size=2, seed=5)
+    with BackgroundStream(stream, workers=3) as background:
+        assert background.depth == 3 * 2  # each worker keeps its next batches in hand
+        for step in [0, 1, 2, 3, 4, 5, 6, 2]:
+            got, want = background.batch(step), stream.batch(step)
+            assert all(_same(g, w) for g, w in zip(got, want)), step
+        assert len(background._processes) == 3
+    assert background._processes == []
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        BackgroundStream(stream, workers=0)
+
+
 def test_a_failing_batch_is_raised_with_the_workers_traceback():
     with BackgroundStream(FailingStream()) as background:
         assert background.batch(0) == [0, 0]

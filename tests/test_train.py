@@ -418,3 +418,11 @@ def test_the_base_key_knows_a_conv_stem_and_leaves_plain_bases_keys_alone(monkey
     assert train.base_key(config) != plain
     monkeypatch.setattr(tiny, "TinySpec", functools.partial(TinySpec, stem_widths=[8, 8, 8]))
     assert train.base_key(config) == plain
+
+
+def test_how_the_batches_are_made_is_not_part_of_the_base_key():
+    config = make_config("default")
+    for overrides in ({"base.prefetch": False}, {"base.prefetch_workers": 4}):
+        assert train.base_key(make_config("default", overrides)) == train.base_key(config), overrides
+    with pytest.raises(ValueError, match="prefetch_workers"):
+        make_config("default", {"base.prefetch_workers": 0})

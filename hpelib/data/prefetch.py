@@ -10,6 +10,10 @@ The stream is pickled into a `spawn`ed process (a fresh interpreter: the OpenGL 
 per-process and is created there on its first render), which serves `stream.batch(step, part)`
 for the steps asked next. Batch `step` depends only on `(seed, step, part)`, so the batches are
 exactly those of the stream itself (tested): prefetching changes the speed, never the result.
+
+On a machine with many cores and a fast model step (a GPU), one process does not render fast enough:
+`workers` processes then share the requests, each answering whichever step it takes next
+(`train.prefetch_workers`).
 """
 
 from __future__ import annotations
@@ -56,26 +60,30 @@ class BackgroundStream:
     Args:
         stream: a picklable stream (its renderer must not have rendered yet in another process
             that it would carry state from; `SceneRenderer` creates its context lazily).
-        depth: batches made ahead.
+        depth: batches made ahead per worker.
+        workers: processes rendering side by side (each its own OpenGL context).
     """
 
-    def __init__(self, stream: Any, depth: int = DEPTH):
+    def __init__(self, stream: Any, depth: int = DEPTH, workers: int = 1):
         if depth < 1:
             raise ValueError(f"depth must be >= 1 (batches made ahead), got {depth}")
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an integer >= 1 (rendering processes), got {workers!r}")
         try:
             payload = pickle.dumps(stream)
         except Exception as e:
             raise TypeError(f"BackgroundStream needs a picklable stream; {type(stream).__name__} is not: {e}") from e
         self.batch_size = stream.batch_size
-        self.depth = depth
+        self.depth = depth * workers  # every worker has its next `depth` batches in hand
         ctx = multiprocessing.get_context("spawn")
         self._requests = ctx.Queue()
         self._results = ctx.Queue()
         self._asked: set[tuple[int, int]] = set()
         self._ready: dict[tuple[int, int], list] = {}
-        self._process = ctx.Process(target=_serve, args=(payload, self._requests, self._results), daemon=True,
-                                    name="hpelib-data")
-        self._process.start()
+        self._processes = [ctx.Process(target=_serve, args=(payload, self._requests, self._results), daemon=True,
+                                       name=f"hpelib-data-{i}") for i in range(workers)]
+        for process in self._processes:
+            process.start()
 
     def _ask(self, key: tuple[int, int]) -> None:
         if key not in self._asked and key not in self._ready:
@@ -84,7 +92,7 @@ class BackgroundStream:
 
     def batch(self, step: int, part: int = 0) -> list:
         """Batch `step` of the stream (the same samples `stream.batch(step, part)` gives)."""
-        if self._process is None:
+        if not self._processes:
             raise DataWorkerError("this BackgroundStream is closed")
         key = (step, part)
         for ahead in range(self.depth + 1):
@@ -93,8 +101,9 @@ class BackgroundStream:
             try:
                 got_step, got_part, status, payload = self._results.get(timeout=POLL_SECONDS)
             except queue.Empty:
-                if not self._process.is_alive():
-                    raise DataWorkerError(f"the data process exited (code {self._process.exitcode}) "
+                dead = next((p for p in self._processes if not p.is_alive()), None)
+                if dead is not None:  # its request may be lost: fail rather than wait for ever
+                    raise DataWorkerError(f"the data process {dead.name} exited (code {dead.exitcode}) "
                                           f"before batch {step} was made") from None
                 continue
             if status == "error":
@@ -107,17 +116,18 @@ class BackgroundStream:
         return self._ready.pop(key)
 
     def close(self) -> None:
-        """Stop the worker (idempotent)."""
-        if self._process is None:
-            return
+        """Stop the workers (idempotent)."""
+        processes, self._processes = self._processes, []
         try:
-            self._requests.put(None)
-            self._process.join(timeout=10)
+            for _ in processes:
+                self._requests.put(None)
+            for process in processes:
+                process.join(timeout=10)
         finally:
-            if self._process.is_alive():
-                self._process.terminate()
-                self._process.join(timeout=5)
-            self._process = None
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
+                    process.join(timeout=5)
             for q in (self._requests, self._results):
                 q.cancel_join_thread()
                 q.close()
