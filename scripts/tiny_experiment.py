@@ -4,6 +4,11 @@
         --set base.minutes=30
     python scripts/tiny_experiment.py lora --name l1 --base-dir data/cache/base-.../model \
         --rehearsal 0.2 --set lora.train.minutes=8
+    python scripts/tiny_experiment.py lora --full --name f1 --base-dir ... --set lora.train.lr=5e-4
+
+`lora --full` trains every weight of the base (no PEFT) on the adapter's mix, with the `lora.train`
+settings: what LoRA could reach at most. On a GPU: `--set 'model.device="cuda"' lora.train.prefetch=true
+lora.train.prefetch_workers=4` (one process cannot render as fast as a GPU trains).
 
 Writes everything under runs/experiments/<name>/ (history.csv, loss.png, final metrics).
 """
@@ -17,6 +22,7 @@ import time
 import torch
 
 from hpelib import io, paths, train
+from hpelib.backends import get_backend_class
 from hpelib.config import make_config
 from hpelib.data import tasks
 
@@ -30,6 +36,7 @@ def main() -> None:
     p.add_argument("--base-dir")
     p.add_argument("--rehearsal", type=float, default=0.2)
     p.add_argument("--adapter", default="hpe_rehearsal")
+    p.add_argument("--full", action="store_true", help="lora stage: train every weight instead of an adapter")
     p.add_argument("--set", nargs="*", default=[])
     p.add_argument("--spec", help='JSON TinySpec fields replacing its defaults (base stage), e.g. \'{"number_code": 0.3}\'')
     p.add_argument("--train-domain", help='JSON synth-train DomainSpec fields, e.g. \'{"n_objects": [1, 1]}\'; the '
@@ -62,11 +69,22 @@ def main() -> None:
     t0 = time.time()
     if a.stage == "base":
         _, history = train.train_base(config, out)
+        trained = None  # the base comes back loaded from its cache, every weight marked trainable
+    elif a.full:
+        backend = get_backend_class(config.model.backend).load(a.base_dir, device=str(train.resolve_device(config)))
+        stream = tasks.SampleStream(train.make_renderer(config), tasks.lora_mix(a.rehearsal),
+                                    config.lora.train.batch_size, seed=config.lora.train.seed + 1,
+                                    decimals=config.angle_decimals)
+        history = train.fit(backend, stream, train.lora_eval_set(config), config.lora.train, out / "training",
+                            desc="every weight")
     else:
-        _, history = train.train_lora(config, a.base_dir, a.adapter, a.rehearsal, out)
+        backend, history = train.train_lora(config, a.base_dir, a.adapter, a.rehearsal, out)
+    if a.stage == "lora":
+        trained = sum(p.numel() for p in backend.model.parameters() if p.requires_grad)
     last = history.iloc[-1].dropna().to_dict()
     io.write_json(out / "experiment.json", {"stage": a.stage, "overrides": overrides, "wall_s": time.time() - t0,
-                                            "threads": torch.get_num_threads(), "final": last})
+                                            "threads": torch.get_num_threads(), "trained_params": trained,
+                                            "final": last})
     print(json.dumps(last, indent=1))
 
 

@@ -71,3 +71,30 @@ def test_read_out_and_capacity_scripts_run_on_a_micro_base(tmp_path, data_dir, r
         trained[name] = json.loads((run_root / "experiments" / name / "capacity.json").read_text())["trained_params"]
     # rank-8 LoRA A and B on the four 3 x 3 convolutions: (3 + 8 + 8 + 8) * 9 * 8 in, (8 + 8 + 8 + 16) * 8 out
     assert trained["stem"] - trained["plain"] == (3 + 8 + 8 + 8) * 9 * 8 + (8 + 8 + 8 + 16) * 8
+
+
+def test_tiny_experiment_trains_an_adapter_or_every_weight_of_a_saved_base(tmp_path, data_dir, run_root, monkeypatch,
+                                                                           one_thread):
+    """`tiny_experiment.py lora [--full]` (G1 in docs/tiny_backend.md): the same mix and settings, a
+    LoRA adapter or every weight of the base."""
+    import json
+
+    from hpelib.backends.tiny import TinyBackend, TinySpec
+    from hpelib.config import make_config
+
+    micro = TinySpec(hidden_size=32, layers=1, heads=2, intermediate_size=64, vision_dim=16, vision_depth=2,
+                     vision_heads=2, vision_intermediate_size=32, deepstack=[1])
+    base = TinyBackend.build(make_config("default"), spec=micro, seed=0)
+    base.save(tmp_path / "base")
+    total = sum(p.numel() for p in base.model.parameters())
+    settings = ["lora.train.max_steps=2", "lora.train.eval_samples=2", "lora.train.batch_size=4",
+                "lora.train.prefetch=true", "lora.train.prefetch_workers=2"]
+    results = {}
+    for name, extra in (("lora", []), ("full", ["--full"])):
+        _run("tiny_experiment.py", ["lora", *extra, "--name", name, "--base-dir", str(tmp_path / "base"),
+                                    "--threads", "1", "--set", *settings], monkeypatch)
+        results[name] = json.loads((run_root / "experiments" / name / "experiment.json").read_text())
+        assert results[name]["final"]["step"] == 2 and "hpe/valid_rate" in results[name]["final"]
+    assert results["full"]["trained_params"] == total
+    assert 0 < results["lora"]["trained_params"] < total / 2
+    assert (run_root / "experiments" / "lora" / "adapter_model.safetensors").exists()
