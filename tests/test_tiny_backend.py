@@ -147,6 +147,32 @@ def test_save_and_load_give_the_same_logits(backend, tmp_path):
     assert loaded.spec == backend.spec
 
 
+def test_load_keeps_the_numpy_image_processor_whatever_transformers_resolves(backend, tmp_path, monkeypatch):
+    """On a machine where torchvision imports, `from_pretrained` gives transformers' torchvision image
+    processor, whose `normalize` refuses the arrays `encode` passes (seen on a lent GPU machine);
+    `load` puts back the numpy one `build` made, with the same settings."""
+    from hpelib.backends.qwen2_vl import ImageOnlyQwen2VLProcessor
+
+    class TensorsOnly:  # what the torchvision processor does with a numpy image
+        def __getattr__(self, name):
+            raise TypeError(f"{name}: tensors only")
+
+    path = backend.save(tmp_path / "tiny")
+    resolve = ImageOnlyQwen2VLProcessor.from_pretrained
+
+    def torchvision_like(*args, **kwargs):
+        processor = resolve(*args, **kwargs)
+        processor.image_processor = TensorsOnly()
+        return processor
+
+    monkeypatch.setattr(ImageOnlyQwen2VLProcessor, "from_pretrained", torchvision_like)
+    loaded = TinyBackend.load(path)
+    assert type(loaded.image_processor) is type(backend.image_processor)
+    assert loaded.image_processor.to_dict() == backend.image_processor.to_dict()
+    sample = random_samples(1)[0]
+    torch.testing.assert_close(loaded.encode(sample)["pixel_values"], backend.encode(sample)["pixel_values"])
+
+
 def test_patch_projection_is_the_convolution_computed_as_a_matrix_product(backend, tmp_path):
     proj = backend.model.model.visual.patch_embed.proj
     assert type(proj) is PatchProjection  # swapped in by the backend, built or loaded

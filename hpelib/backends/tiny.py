@@ -297,6 +297,11 @@ class TinyBackend(Qwen2VLBackend):
             model = Qwen3VLForConditionalGeneration.from_pretrained(
                 path, use_safetensors=True, device_map={"": str(hub.resolve_device(device))})
         processor = ImageOnlyQwen2VLProcessor.from_pretrained(path, local_files_only=True)
+        # the numpy image processor `build` made: where torchvision imports, `from_pretrained` resolves
+        # transformers' torchvision one, whose `rescale`/`normalize` take tensors, not `encode`'s arrays
+        vision = model.config.vision_config
+        size = int(round(vision.num_position_embeddings ** 0.5)) * vision.patch_size
+        processor.image_processor = _image_processor(size, spec.patch_size)
         return cls(model.eval(), processor, spec, source=str(path))
 
     def save(self, path: str | os.PathLike) -> Path:
