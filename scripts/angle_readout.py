@@ -9,8 +9,10 @@ much the expected value varies from image to image against the truth's spread, i
 with the truth, and the distribution's entropy (ln 361 = 5.9 for a uniform one; the training
 marginal of the yaw is about 5.2). A broad distribution whose expectation barely moves says the
 answer position knows little; one whose expectation tracks the truth while the argmax does not says
-the read-out is what fails. `none` as the adapter scores the base itself. docs/tiny_backend.md
-("The answer's angle distribution, ...", R1 and R2) reports what it found.
+the read-out is what fails. `none` as the adapter scores the base itself. `--generate` also scores
+the greedy answers on the same scenes, as the workbook's held-out checks do (valid rate, pose MAE,
+head box Acc@0.5), on more scenes than those checks' 32-64. docs/tiny_backend.md ("The answer's
+angle distribution, ...", R1 and R2; G1) reports what it found.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main() -> None:
     p.add_argument("adapter", help="the adapter's folder, or `none` for the base alone")
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--generate", action="store_true", help="also score the greedy answers on the same scenes")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     config = make_config("default")
@@ -76,6 +79,12 @@ def main() -> None:
               f"its spread {expected[:, j].std():4.1f} (truth {truth[:, j].std():4.1f}), corr {corr:+.2f}, "
               f"entropy {entropy[j]:.2f}")
     print(f"mean : argmax MAE {np.abs(argmax - truth).mean():.1f}, expected-value MAE {np.abs(expected - truth).mean():.1f}")
+    if a.generate:
+        _, m = train.evaluate_samples(backend, samples)
+        print(f"greedy answers ({len(samples)} scenes): valid {m['hpe/valid_rate']:.1%}, head box Acc@0.5 "
+              f"{m['hpe/acc50']:.1%}, MAE yaw / pitch / roll {m.get('hpe/mae_yaw', np.nan):.1f} / "
+              f"{m.get('hpe/mae_pitch', np.nan):.1f} / {m.get('hpe/mae_roll', np.nan):.1f}, "
+              f"mean {m.get('hpe/mae_mean', np.nan):.1f}")
 
 
 if __name__ == "__main__":

@@ -56,9 +56,11 @@ def test_read_out_and_capacity_scripts_run_on_a_micro_base(tmp_path, data_dir, r
     assert set(result["final"]) == {"mae_yaw", "mae_pitch", "mae_roll", "mae_mean"}
     assert all(0 < v < 360 for v in result["final"].values())
     capsys.readouterr()
-    _run("angle_readout.py", [str(tmp_path / "base"), str(run_root / "experiments" / "cap" / "adapter"), "--n", "6"],
-         monkeypatch)  # the saved LoRA loads and is scored
-    assert capsys.readouterr().out.splitlines()[-1].startswith("mean : argmax MAE")
+    _run("angle_readout.py", [str(tmp_path / "base"), str(run_root / "experiments" / "cap" / "adapter"), "--n", "6",
+                              "--generate"], monkeypatch)  # the saved LoRA loads, is scored, and answers
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("mean : argmax MAE")
+    assert lines[-1].startswith("greedy answers (6 scenes): valid ")
     with pytest.raises(SystemExit, match="has no conv stem"):  # LoRA on a stem the base does not have
         _run("pose_capacity.py", [str(tmp_path / "base"), "--name", "cap2", "--lora-stem"], monkeypatch)
 
