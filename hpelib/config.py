@@ -91,6 +91,8 @@ class ModelConfig:
     tokenizer_id: str = ""  # cogvlm only: its tokenizer's hub id or folder ("" = lmsys/vicuna-7b-v1.5)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     load_in_4bit: bool = False  # QLoRA-style NF4 base weights (bitsandbytes, CUDA); hub backends only
+    tiny_spec: dict = field(default_factory=dict)  # tiny backend only: `TinySpec` fields replacing its defaults,
+    # e.g. {"stem": "conv", "angle_circle": 5} (hpelib.backends.tiny; docs/tiny_backend.md). A new base
 
     def __post_init__(self) -> None:
         _one_of("backend", self.backend, BACKENDS)
@@ -104,6 +106,12 @@ class ModelConfig:
         _check(isinstance(self.tokenizer_id, str), "tokenizer_id", self.tokenizer_id, "a hub id or folder (a string)")
         _check(not (self.load_in_4bit and self.backend == "tiny"), "load_in_4bit", self.load_in_4bit,
                "false for the tiny backend (4-bit loading is for pretrained hub models)")
+        _check(isinstance(self.tiny_spec, dict), "tiny_spec", self.tiny_spec, "a dict of TinySpec fields")
+        if self.tiny_spec:
+            _check(self.backend == "tiny", "tiny_spec", self.tiny_spec, f"empty when model.backend is {self.backend!r}")
+            from hpelib.backends.tiny import spec_from_fields  # transformers: imported only when asked
+
+            spec_from_fields(self.tiny_spec, "tiny_spec")  # a clear error now rather than when the base is built
 
 
 VISION_TARGETS = ("boxes", "dense")  # base.vision_targets: see hpelib.vision_pretrain
@@ -365,6 +373,19 @@ PROFILES: dict[str, dict[str, Any]] = {
         "merge.wta_thresholds": [0.9999],
         "eval.n_samples": 8,  # 8 scenes x 3 prompts x 3 domains x 7 variants: ~500 short generations
         "eval.batch_size": 8,
+    },
+    # The CPU study with adapters that learn head pose (docs/tiny_backend.md, "Adapters with many more
+    # steps"): DC1's base (a conv-stem tower pre-trained on dense targets and frozen, circular angle rows;
+    # ~24 min, then cached) and adapters of 40 min each, side by side (~1400 steps, where the default's 4
+    # min give ~220 and write one constant pose). About 75 min on 2 cores with the base, 50 without.
+    "pose": {
+        "model.tiny_spec": {"stem": "conv", "angle_circle": 5},
+        "base.vision_minutes": 10,  # (ints, as DC1 was trained with: the same base key, so its cache serves)
+        "base.vision_targets": "dense",
+        "base.freeze_vision": True,
+        "base.minutes": 18,  # a ceiling: base.max_steps (1300) ends the curriculum first (~14 min)
+        "lora.train.minutes": 40.0,
+        "lora.train.eval_every": 250,
     },
     # One 80 GB GPU and a pretrained hub VLM: Qwen2-VL-2B-Instruct natively (for the paper's CogVLM see
     # docs/real_backends.md: -p model.backend cogvlm, its own environment, batch 4 x accum 8).

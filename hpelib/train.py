@@ -423,9 +423,9 @@ def base_key(config: Config) -> str:
     curriculum, the tokenizer's corpus and backend sizes. Changing anything else (LoRA, merges, test sets) reuses it."""
     spec = {}
     if config.model.backend == "tiny":
-        from hpelib.backends.tiny import TinySpec
+        from hpelib.backends.tiny import spec_for
 
-        spec = dataclasses.asdict(TinySpec())
+        spec = dataclasses.asdict(spec_for(config))  # model.tiny_spec enters the key through the spec
         for name in ("number_code", "angle_circle"):  # added after bases were cached: in the key only when set
             if not spec[name]:
                 del spec[name]
@@ -438,7 +438,9 @@ def base_key(config: Config) -> str:
             del base[name]
     if base["vision_targets"] == "boxes":  # likewise: V1's targets were the only ones
         del base["vision_targets"]
-    payload = {"model": dataclasses.asdict(config.model), "base": base,
+    model = dataclasses.asdict(config.model)
+    del model["tiny_spec"]  # in `spec` above, where a TinySpec field means the same however it was set
+    payload = {"model": model, "base": base,
                "image_size": config.data.image_size, "domain": config.data.train_domain, "seed": config.seed,
                "mix": tasks.BASE_MIX, "spec": spec, "version": BASE_VERSION,
                # the tiny tokenizer is built from the task corpus: new words are a new base

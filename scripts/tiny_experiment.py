@@ -38,7 +38,8 @@ def main() -> None:
     p.add_argument("--adapter", default="hpe_rehearsal")
     p.add_argument("--full", action="store_true", help="lora stage: train every weight instead of an adapter")
     p.add_argument("--set", nargs="*", default=[])
-    p.add_argument("--spec", help='JSON TinySpec fields replacing its defaults (base stage), e.g. \'{"number_code": 0.3}\'')
+    p.add_argument("--spec", help='JSON TinySpec fields replacing its defaults (base stage; model.tiny_spec), '
+                   'e.g. \'{"number_code": 0.3}\'')
     p.add_argument("--train-domain", help='JSON synth-train DomainSpec fields, e.g. \'{"n_objects": [1, 1]}\'; the '
                    "base is then cached under the experiment's own data folder, not data/cache")
     p.add_argument("--base-mix", help='JSON task weights replacing tasks.BASE_MIX, e.g. \'{"box": 0.5, "box_part": 0.25}\'')
@@ -48,11 +49,6 @@ def main() -> None:
     if a.base_mix:
         tasks.BASE_MIX.clear()
         tasks.BASE_MIX.update(json.loads(a.base_mix))
-    if a.spec:  # every TinySpec() built from here on (and the base's cache key) takes these fields
-        import functools
-
-        from hpelib.backends import tiny
-        tiny.TinySpec = functools.partial(tiny.TinySpec, **json.loads(a.spec))
     if a.train_domain:  # the cache key knows the domain by name only: keep this base out of data/cache
         import os
 
@@ -64,6 +60,8 @@ def main() -> None:
             os.symlink(paths.assets_dir() / "menpo3d", data / "assets" / "menpo3d")
         os.environ["HPE_DATA_DIR"] = str(data)
     overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    if a.spec:  # the same as `--set model.tiny_spec=...`: the base built and its cache key take these fields
+        overrides["model.tiny_spec"] = json.loads(a.spec)
     config = make_config(a.profile, overrides)
     out = paths.runs_dir() / "experiments" / a.name
     t0 = time.time()

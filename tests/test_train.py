@@ -426,3 +426,41 @@ def test_how_the_batches_are_made_is_not_part_of_the_base_key():
         assert train.base_key(make_config("default", overrides)) == train.base_key(config), overrides
     with pytest.raises(ValueError, match="prefetch_workers"):
         make_config("default", {"base.prefetch_workers": 0})
+
+
+def test_model_tiny_spec_builds_that_model_and_is_its_base_key(monkeypatch):
+    """`model.tiny_spec` is the parameter for the tiny model's shape: the base built has it, and the
+    base key is the one the same TinySpec gave before the parameter existed (set by patching the
+    class, as the experiments did), so cached bases serve."""
+    import functools
+
+    from hpelib.backends import tiny
+
+    fields = {"stem": "conv", "angle_circle": 5.0, "vision_depth": 2}
+    config = make_config("smoke", {"model.tiny_spec": fields})
+    backend = tiny.TinyBackend.build(config)
+    assert (backend.spec.stem, backend.spec.angle_circle, backend.spec.vision_depth) == ("conv", 5.0, 2)
+    assert len(backend.model.model.visual.blocks) == 2
+    assert isinstance(backend.model.model.visual.patch_embed.stem, tiny.ConvStem)
+    by_parameter = train.base_key(config)
+    assert by_parameter != train.base_key(make_config("smoke"))
+    monkeypatch.setattr(tiny, "TinySpec", functools.partial(TinySpec, **fields))
+    assert train.base_key(make_config("smoke")) == by_parameter
+
+
+def test_model_tiny_spec_refuses_what_tiny_spec_does():
+    with pytest.raises(ValueError, match=r"model\.tiny_spec = \{'stme': 'conv'\}.*unexpected keyword argument 'stme'"):
+        make_config("default", {"model.tiny_spec": {"stme": "conv"}})
+    with pytest.raises(ValueError, match=r"model\.tiny_spec.*TinySpec\.stem must be one of"):
+        make_config("default", {"model.tiny_spec": {"stem": "cnn"}})
+    with pytest.raises(ValueError, match=r"model\.tiny_spec must be empty when model\.backend is 'qwen2_vl'"):
+        make_config("default", {"model.tiny_spec": {"stem": "conv"}, "model.backend": "qwen2_vl", "model.model_id": "x"})
+
+
+def test_the_pose_profile_reuses_the_base_its_numbers_came_from():
+    """The `pose` profile's base is DC1 of docs/tiny_backend.md, trained by `tiny_experiment.py base
+    --spec '{"stem": "conv", "angle_circle": 5}' --set base.vision_minutes=10 ...`: the same key."""
+    dc1 = make_config("default", {"model.tiny_spec": {"stem": "conv", "angle_circle": 5}, "base.vision_minutes": 10,
+                                  "base.vision_targets": "dense", "base.freeze_vision": True, "base.minutes": 18})
+    assert train.base_key(make_config("pose")) == train.base_key(dc1)
+    assert make_config("pose").lora.train.minutes > make_config("default").lora.train.minutes

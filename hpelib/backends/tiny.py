@@ -176,6 +176,20 @@ class TinySpec:
                              vision_end_token_id=ids["<|vision_end|>"])
 
 
+def spec_from_fields(fields: dict, name: str = "model.tiny_spec") -> TinySpec:
+    """`TinySpec` with `fields` replacing its defaults; an unknown field or a value `TinySpec`
+    refuses is a `ValueError` naming the parameter (`name`)."""
+    try:
+        return TinySpec(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} = {fields!r}: {e} (the fields are TinySpec's, hpelib/backends/tiny.py)") from e
+
+
+def spec_for(config) -> TinySpec:
+    """The tiny model `config` asks for: `TinySpec`'s defaults and `config.model.tiny_spec`."""
+    return spec_from_fields(dict(config.model.tiny_spec))
+
+
 BACKEND_FILE = "tiny_backend.json"
 
 
@@ -265,7 +279,7 @@ class TinyBackend(Qwen2VLBackend):
         """
         from hpelib.data.tasks import corpus
 
-        spec = spec or TinySpec()
+        spec = spec or spec_for(config)
         size = config.data.image_size
         spec.grid(size)  # a clear error before anything is built
         tokenizer = build_tokenizer(corpus())
