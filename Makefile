@@ -62,9 +62,10 @@ test-slow: setup
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
-# Refresh the README's results section from a finished run (never typed by hand).
+# Refresh the README's results section from a finished run (never typed by hand);
+# SECTION=pose fills the named section <!-- results:pose:start/end --> instead.
 readme: setup
-	$(PY) -m hpelib.report readme runs/$(NAME)
+	$(PY) -m hpelib.report readme runs/$(NAME) $(if $(SECTION),--section $(SECTION))
 
 bench: setup
 	$(PY) -m hpelib.data.bench

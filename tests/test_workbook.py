@@ -408,3 +408,19 @@ def test_report_duration_counts_reused_stages_at_their_own_time():
         ", 36.4 min (the last invocation 7.0 min; earlier stages reused)"
     assert _duration_text({"stages_s": None, "duration_s": 60.0}) == ", 1.0 min"
     assert _duration_text({"stages_s": None, "duration_s": None}) == ""
+
+
+def test_update_readme_fills_a_named_section_and_leaves_the_main_one(run_root, tmp_path):
+    d = fake_run("default", RUN_METRICS)
+    readme = tmp_path / "README.md"
+    start = "<!-- results:start -->\nmain numbers\n<!-- results:end -->\n"
+    readme.write_text(f"# HPE\n\n{start}\n<!-- results:pose:start -->\nold\n<!-- results:pose:end -->\n")
+    assert report.main(["readme", str(d), "--readme", str(readme), "--section", "pose"]) == 0
+    text = readme.read_text()
+    assert text.startswith(f"# HPE\n\n{start}\n<!-- results:pose:start -->\n") and "old" not in text
+    assert f"`python -m hpelib.report readme {d.as_posix()} --section pose`" in text
+    assert "| `wta_cosine@0.9999` | 12.35 | 98% | 75% | -25% |" in text
+    with pytest.raises(ValueError, match="results:other:start"):
+        report.update_readme(d, readme, section="other")
+    with pytest.raises(ValueError, match="section must be a name"):
+        report.update_readme(d, readme, section="a b")
