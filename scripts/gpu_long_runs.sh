@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Long adapter runs on a lent GPU machine (docs/tiny_backend.md, "G1"): does head pose come with
+# 5-10 times the steps a CPU adapter gets (~1700, not 170-340)? Three jobs side by side on the one
+# GPU, each with its own rendering processes (the machine's 16 cores), each stopping at STEPS steps
+# or MINUTES:
+#   g_lora_dc1      LoRA (the default adapter settings) on DC1's base (dense tower + circular rows)
+#   g_lora_default  LoRA on the default base
+#   g_full_dc1      every weight of DC1's base, lr 5e-4
+# SET=sweep STEPS=400: three 400-step adapters on DC1's base (learning rate, rank) instead.
+# Carried: the two bases' model folders, data/assets/menpo3d, and (the device tool's notes) .gl and .whl.
+# Writes $OUT/results.tgz (each run's history, metrics and adapter) and $OUT/log.txt.
+set -u
+STEPS=${STEPS:-6000}
+MINUTES=${MINUTES:-6.5}
+WORKERS=${WORKERS:-4}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu LOCAL=1 STEPS=4: a dry run of this script here
+LOG=${OUT:-/tmp}/log.txt
+exec > >(tee -a "$LOG") 2>&1
+
+PYTHON=python3
+if [ -z "${LOCAL:-}" ]; then
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+    # G1 / G2 ran so: transformers then resolved its torchvision image processor, which encode's arrays
+    # broke; TinyBackend.load now keeps the numpy one either way, and the project never imports torchvision
+    python3 -m pip uninstall -y -q torchvision
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 2
+    export PYTHONPATH=/tmp/site:$PWD
+    vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+    [ -f "$vendor" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
+    nvidia-smi -L
+else
+    PYTHON=.venv/bin/python
+fi
+export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE TQDM_MININTERVAL=20 DEVICE
+
+# a quick check first: one scene rendered, one step of each base on the GPU
+[ -n "${SKIP_CHECK:-}" ] || $PYTHON - <<'EOF' || exit 3
+import os, time, torch
+from hpelib.config import make_config
+from hpelib.data import render, tasks
+from hpelib import train
+from hpelib.backends.tiny import TinyBackend
+dev = os.environ["DEVICE"]
+print("GL:", render.check_egl(), "| torch", torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))
+config = make_config("default", {"model.device": dev})
+stream = tasks.SampleStream(train.make_renderer(config), tasks.lora_mix(0.2), 32, seed=1)
+t = time.time(); batch = stream.batch(0); print(f"one batch rendered in {time.time() - t:.2f} s")
+for key in ("96289dffbd1e", "cf8ff0410dca"):
+    b = TinyBackend.load(f"data/cache/base-{key}/model", device=dev)
+    enc = b.collate([b.encode(s) for s in batch])
+    out = b.model(**{k: v.to(dev) for k, v in enc.items()})
+    out.loss.backward(); print(key, "loss", float(out.loss))
+EOF
+
+common=(--threads 1 --set "model.device=\"$DEVICE\"" lora.train.prefetch=true lora.train.prefetch_workers=$WORKERS
+        lora.train.max_steps=$STEPS lora.train.minutes=$MINUTES lora.train.eval_every=500 lora.train.eval_samples=64
+        lora.train.checkpoint_every=100000)
+DC1=data/cache/base-96289dffbd1e/model
+jobs_=()
+job() {  # job NAME BASE_DIR [tiny_experiment.py arguments ...] [--set-more k=v ...]
+    local name=$1 base=$2; shift 2
+    local extra=() more=()
+    while [ $# -gt 0 ] && [ "$1" != --set-more ]; do extra+=("$1"); shift; done
+    [ $# -gt 0 ] && shift && more=("$@")
+    $PYTHON scripts/tiny_experiment.py lora "${extra[@]}" --name "$name" --base-dir "$base" "${common[@]}" "${more[@]}" \
+        > "${OUT:-/tmp}/$name.log" 2>&1 &
+    jobs_+=($!)
+}
+if [ "${SET:-long}" = long ]; then
+    job g_lora_dc1 $DC1
+    job g_lora_default data/cache/base-cf8ff0410dca/model
+    job g_full_dc1 $DC1 --full --set-more lora.train.lr=5e-4
+else  # SET=sweep STEPS=400: what an adapter of the CPU bar's length (8 min, ~400 steps) reaches
+    job g_s_lr5 $DC1
+    job g_s_lr10 $DC1 --set-more lora.train.lr=1e-2
+    job g_s_lr10_r32 $DC1 --set-more lora.train.lr=1e-2 lora.rank=32 lora.alpha=64
+fi
+wait "${jobs_[@]}"  # not a bare wait: that would also wait for the log's tee
+[ -z "${LOCAL:-}" ] && nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
+grep -h '"hpe/mae_mean"' runs/experiments/g_*/experiment.json
+tar czf "${OUT:-/tmp}/results.tgz" --exclude='checkpoint*' runs/experiments/g_*
+echo done
