@@ -267,8 +267,7 @@ class TinyBackend(Qwen2VLBackend):
     @property
     def image_size(self) -> int:
         """The px size the model was built for: one learned position embedding per patch."""
-        vision = self.model.config.vision_config
-        return int(round(vision.num_position_embeddings ** 0.5)) * vision.patch_size
+        return _built_image_size(self.model)
 
     # ---- building and persistence -----------------------------------------------------------
     @classmethod
@@ -313,9 +312,7 @@ class TinyBackend(Qwen2VLBackend):
         processor = ImageOnlyQwen2VLProcessor.from_pretrained(path, local_files_only=True)
         # the numpy image processor `build` made: where torchvision imports, `from_pretrained` resolves
         # transformers' torchvision one, whose `rescale`/`normalize` take tensors, not `encode`'s arrays
-        vision = model.config.vision_config
-        size = int(round(vision.num_position_embeddings ** 0.5)) * vision.patch_size
-        processor.image_processor = _image_processor(size, spec.patch_size)
+        processor.image_processor = _image_processor(_built_image_size(model), spec.patch_size)
         return cls(model.eval(), processor, spec, source=str(path))
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -469,6 +466,12 @@ class _StemPatchEmbed(Qwen3VLVisionPatchEmbed):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return super().forward(hidden_states) + self.stem(hidden_states)
+
+
+def _built_image_size(model: Qwen3VLForConditionalGeneration) -> int:
+    """The px size `model` was built for: one learned position embedding per patch."""
+    vision = model.config.vision_config
+    return int(round(vision.num_position_embeddings ** 0.5)) * vision.patch_size
 
 
 def _image_processor(size: int, patch_size: int):
