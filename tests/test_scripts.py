@@ -11,6 +11,14 @@ import pytest
 SCRIPTS = sorted((Path(__file__).parent.parent / "scripts").glob("*.py"))
 
 
+def _micro():
+    """A micro tiny VLM's spec: scripts run on it in seconds."""
+    from hpelib.backends.tiny import TinySpec
+
+    return TinySpec(hidden_size=32, layers=1, heads=2, intermediate_size=64, vision_dim=16, vision_depth=2,
+                    vision_heads=2, vision_intermediate_size=32, deepstack=[1])
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_prints_its_help(script, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script.name, "--help"])
@@ -34,12 +42,10 @@ def test_read_out_and_capacity_scripts_run_on_a_micro_base(tmp_path, data_dir, r
     import json
     import math
 
-    from hpelib.backends.tiny import TinyBackend, TinySpec
+    from hpelib.backends.tiny import TinyBackend
     from hpelib.config import make_config
 
-    micro = TinySpec(hidden_size=32, layers=1, heads=2, intermediate_size=64, vision_dim=16, vision_depth=2,
-                     vision_heads=2, vision_intermediate_size=32, deepstack=[1])
-    TinyBackend.build(make_config("default"), spec=micro, seed=0).save(tmp_path / "base")
+    TinyBackend.build(make_config("default"), spec=_micro(), seed=0).save(tmp_path / "base")
 
     _run("angle_readout.py", [str(tmp_path / "base"), "none", "--n", "6"], monkeypatch)
     lines = capsys.readouterr().out.splitlines()
@@ -64,7 +70,7 @@ def test_read_out_and_capacity_scripts_run_on_a_micro_base(tmp_path, data_dir, r
     with pytest.raises(SystemExit, match="has no conv stem"):  # LoRA on a stem the base does not have
         _run("pose_capacity.py", [str(tmp_path / "base"), "--name", "cap2", "--lora-stem"], monkeypatch)
 
-    stem = dataclasses.replace(micro, stem="conv", stem_widths=[8, 8, 8])
+    stem = dataclasses.replace(_micro(), stem="conv", stem_widths=[8, 8, 8])
     TinyBackend.build(make_config("default"), spec=stem, seed=0).save(tmp_path / "stem_base")
     trained = {}
     for name, extra in (("plain", []), ("stem", ["--lora-stem"])):
@@ -81,12 +87,10 @@ def test_tiny_experiment_trains_an_adapter_or_every_weight_of_a_saved_base(tmp_p
     LoRA adapter or every weight of the base."""
     import json
 
-    from hpelib.backends.tiny import TinyBackend, TinySpec
+    from hpelib.backends.tiny import TinyBackend
     from hpelib.config import make_config
 
-    micro = TinySpec(hidden_size=32, layers=1, heads=2, intermediate_size=64, vision_dim=16, vision_depth=2,
-                     vision_heads=2, vision_intermediate_size=32, deepstack=[1])
-    base = TinyBackend.build(make_config("default"), spec=micro, seed=0)
+    base = TinyBackend.build(make_config("default"), spec=_micro(), seed=0)
     base.save(tmp_path / "base")
     total = sum(p.numel() for p in base.model.parameters())
     settings = ["lora.train.max_steps=2", "lora.train.eval_samples=2", "lora.train.batch_size=4",
