@@ -1,6 +1,6 @@
 """The run folder every notebook shares, and the papermill runner over all six notebooks.
 
-A notebook's second cell is `run = open_run(RUN_DIR, PROFILE, overrides)`: it resolves the
+A notebook's second cell is `run = open_run(RUN_DIR, PROFILE, OVERRIDES, params)`: it resolves the
 configuration, creates `runs/<name>/` and records the configuration there. Each notebook's last
 cell calls `run.save_metrics(stage, {...})`, which writes `metrics/<stage>.json` and refreshes the
 flat `metrics.json` (keys like `wta_cosine@0.9999/synth-aflw/mae_mean`).
@@ -106,18 +106,23 @@ class Run:
 
 
 def open_run(run_dir: str | os.PathLike = "", profile: str = "default",
-             overrides: dict[str, Any] | None = None) -> Run:
+             overrides: dict[str, Any] | None = None, params: dict[str, Any] | None = None) -> Run:
     """Open (creating if needed) a run folder and resolve its configuration.
 
     Args:
         run_dir: a name under `runs/` or a path; empty means `runs/<profile>`.
         profile: a name in `hpelib.config.PROFILES`.
-        overrides: dotted config keys -> values; `None` values are ignored.
+        overrides: dotted config keys -> values (the runner's `-p lora.rank 16`); `None` values
+            are ignored.
+        params: the notebook's own named parameters by the config key each sets
+            (`{"lora.rank": LORA_RANK}`): a value replaces the same key of `overrides`; `None`
+            (the parameter left unset) leaves `overrides`' value, or the profile's, in place.
 
     The resolved configuration is written to `config.json`. A notebook run alone on an existing
     folder with other settings rewrites it, and says so, so the folder always tells what made it.
     """
-    config = make_config(profile, overrides)
+    set_params = {k: v for k, v in (params or {}).items() if v is not None}
+    config = make_config(profile, {**(overrides or {}), **set_params})
     d = paths.run_dir(run_dir or profile)
     d.mkdir(parents=True, exist_ok=True)
     cfg_path = d / paths.RUN_CONFIG

@@ -293,6 +293,64 @@ def test_papermill_lists_every_parameter_of_the_shipped_notebooks_with_type_and_
         assert info["inferred_type_name"] not in ("None", "") and info["help"].strip(), (path.name, name, info)
 
 
+# A valid value, unlike every profile's, for each config key a notebook sets by a named parameter
+NAMED_KEY_VALUES = {
+    "data.image_size": 80, "data.n_train": 11, "data.n_test": 7, "data.test_domains": ["synth-aflw"], "data.seed": 3,
+    "data.root_300wlp": "/x/300W_LP", "data.root_aflw2000": "/x/AFLW2000", "data.biwi_npz": "/x/biwi.npz",
+    "base.max_steps": 7, "base.minutes": 2.5, "lora.rank": 4, "lora.train.minutes": 3.0,
+    "lora.adapters": {"solo": 0.1}, "merge.wta_thresholds": [0.5], "merge.ta_lambdas": [0.3],
+    "merge.methods": ["ties"], "eval.n_samples": 5, "eval.batch_size": 3,
+}
+
+
+def _open_run_of(notebook: str, run_dir: Path, **params):
+    """Run a shipped notebook's imports, its parameters cell (then `params`, as papermill injects
+    them) and the `run = open_run(...)` statement; return that statement's `run` and the keys the
+    notebook's named parameters set (key -> parameter name)."""
+    import ast
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / f"{notebook}.ipynb"
+    cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    i = next(i for i, c in enumerate(cells) if "open_run(" in c.source)
+    statement = ast.parse(cells[i].source).body[0]
+    call = statement.value
+    named = {k.value: getattr(v, "id", None) for k, v in zip(call.args[3].keys, call.args[3].values)} \
+        if len(call.args) > 3 else {}
+    ns: dict = {}
+    for cell in cells[:i]:
+        exec(cell.source, ns)
+    ns.update(RUN_DIR=str(run_dir), PROFILE="smoke", **params)
+    exec(compile(ast.Module([statement], []), path.name, "exec"), ns)
+    return ns["run"], named
+
+
+@pytest.mark.parametrize("notebook", workbook.NOTEBOOKS)
+def test_runner_overrides_reach_every_notebook_whatever_its_named_parameters(notebook, run_root):
+    """`-p lora.rank 4` reaches the run's config in every notebook: a notebook's named parameter
+    left unset (None) does not put the profile's value back (it did, in 00/01/02/04/05, until the
+    eleventh session), and one that is set wins over the same key in OVERRIDES."""
+    from hpelib.config import make_config
+
+    smoke = make_config("smoke").to_dict()
+    run, named = _open_run_of(notebook, run_root / f"o-{notebook}", OVERRIDES=dict(NAMED_KEY_VALUES))
+    flat = run.config.to_dict()
+    for key, value in NAMED_KEY_VALUES.items():
+        got, default = flat, smoke
+        for part in key.split("."):
+            got, default = got[part], default[part]
+        assert got == value != default, (notebook, key, got)
+    if not named:
+        return
+    first_key, first_name = next(iter(named.items()))
+    value = {"data.image_size": 96, "base.max_steps": 9, "lora.rank": 2, "merge.wta_thresholds": [0.7],
+             "eval.n_samples": 6}[first_key]
+    run, _ = _open_run_of(notebook, run_root / f"p-{notebook}", OVERRIDES=dict(NAMED_KEY_VALUES), **{first_name: value})
+    got = run.config.to_dict()
+    for part in first_key.split("."):
+        got = got[part]
+    assert got == value, (notebook, first_name, got)
+
+
 # --------------------------------------------------------------------------- compare and sweep
 def fake_run(name: str, metrics: dict, **info) -> Path:
     d = paths.run_dir(name)
