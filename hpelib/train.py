@@ -292,11 +292,12 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
                 batch = backend.collate([backend.encode(s) for s in samples])
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.accumulate(model):
-                    if soft is None:
-                        loss = model(**batch).loss
-                    else:
-                        labels = batch.pop("labels")
-                        loss = soft.loss(model(**batch).logits, labels)
+                    with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=train.autocast_bf16):
+                        if soft is None:
+                            loss = model(**batch).loss
+                        else:
+                            labels = batch.pop("labels")
+                            loss = soft.loss(model(**batch).logits, labels)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
@@ -415,7 +416,7 @@ def make_renderer(config: Config, domain: str | None = None):
     return SceneRenderer(domain or config.data.train_domain, config.data.image_size)
 
 
-ADDED_BASE_FIELDS = ("angle_sigma", "box_sigma", "vision_minutes", "freeze_vision")
+ADDED_BASE_FIELDS = ("angle_sigma", "box_sigma", "vision_minutes", "freeze_vision", "autocast_bf16")
 
 
 def base_key(config: Config) -> str:

@@ -39,6 +39,7 @@ def test_nested_override_reaches_lora_training():
         ("merge.wta_thresholds", [1.5], ["merge.wta_thresholds", "1.5", "(0, 1]"]),
         ("merge.wta_reference", "cosine", ["merge.wta_reference", "'cosine'", "base", "pairwise"]),
         ("lora.rank", 0, ["lora.rank", "0", "positive integer"]),
+        ("lora.train.autocast_bf16", "yes", ["lora.train.autocast_bf16", "'yes'", "true or false"]),
         ("lora.adapters", {"hpe": 1.5}, ["lora.adapters['hpe']", "1.5"]),
         ("data.image_size", 100, ["data.image_size", "100", "multiple of 16"]),
         ("data.test_domains", ["biwi"], ["data.test_domains", "'biwi'", "synth-aflw"]),

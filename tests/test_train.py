@@ -136,12 +136,13 @@ def test_score_answers_counts_invalid_as_misses():
 
 
 # ------------------------------------------------------------------------------------ the loop
-def _fit(out_dir, max_steps, stop_after_steps=None):
+def _fit(out_dir, max_steps, stop_after_steps=None, backend=None, **overrides):
     config = make_config("smoke")
-    backend = TinyBackend.build(config, spec=MICRO, seed=0)
+    backend = backend or TinyBackend.build(config, spec=MICRO, seed=0)
     stream = tasks.SampleStream(FakeRenderer(), {"hpe": 0.5, "box": 0.5}, batch_size=4, seed=0)
     tc = make_config("smoke", {"base.max_steps": max_steps, "base.minutes": 30.0, "base.eval_every": 3,
-                               "base.checkpoint_every": 2, "base.warmup_steps": 2, "base.grad_accum": 2}).base
+                               "base.checkpoint_every": 2, "base.warmup_steps": 2, "base.grad_accum": 2,
+                               **{f"base.{k}": v for k, v in overrides.items()}}).base
     evals = tasks.eval_set(FakeRenderer(), ["hpe"], n=2)
     history = train.fit(backend, stream, evals, tc, out_dir, progress=False, stop_after_steps=stop_after_steps)
     return backend, history
@@ -164,6 +165,21 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     assert "hpe/valid_rate" in pd.read_csv(out / train.HISTORY_CSV).columns
     assert len(list(out.glob(f"{train.CHECKPOINT_PREFIX}*"))) == 1  # older checkpoints pruned
     assert not list(out.glob(".*tmp"))
+
+
+def test_autocast_bf16_runs_the_forward_in_bfloat16_and_keeps_float32_weights(tmp_path):
+    """`train.autocast_bf16`: the layers compute in bfloat16 during training steps, the trained
+    weights and the held-out checks stay float32, and the loss still falls."""
+    backend = TinyBackend.build(make_config("smoke"), spec=MICRO, seed=0)
+    seen = {"train": set(), "eval": set()}
+    layer = backend.model.model.language_model.layers[0].mlp.down_proj
+    layer.register_forward_hook(lambda m, args, out: seen["train" if m.training else "eval"].add(out.dtype))
+    _, history = _fit(tmp_path, max_steps=12, backend=backend, autocast_bf16=True, lr=3e-3)
+    assert seen == {"train": {torch.bfloat16}, "eval": {torch.float32}}
+    assert {p.dtype for p in backend.model.parameters()} == {torch.float32}
+    assert history["loss"].iloc[-3:].mean() < history["loss"].iloc[:3].mean()
+    _, plain = _fit(tmp_path / "fp32", max_steps=1)
+    assert plain["loss"].iloc[0] != history["loss"].iloc[0]  # the flag changes the arithmetic
 
 
 def test_lora_stage_saves_a_peft_adapter(tmp_path, monkeypatch):
@@ -427,6 +443,14 @@ def test_how_the_batches_are_made_is_not_part_of_the_base_key():
     with pytest.raises(ValueError, match="prefetch_workers"):
         make_config("default", {"base.prefetch_workers": 0})
 
+
+def test_bf16_autocast_is_a_new_base_and_leaves_cached_bases_keys_alone():
+    """The keys of the bases the docs and profiles name (trained before `autocast_bf16` existed) stay
+    as they were; a base trained under autocast is a new one. If a deliberate change re-keys every
+    base (a new task word, BASE_VERSION), update the two keys here and say so in the commit."""
+    assert train.base_key(make_config("default")) == "cf8ff0410dca"
+    assert train.base_key(make_config("pose")) == "96289dffbd1e"
+    assert train.base_key(make_config("default", {"base.autocast_bf16": True})) != "cf8ff0410dca"
 
 def test_model_tiny_spec_builds_that_model_and_is_its_base_key(monkeypatch):
     """`model.tiny_spec` is the parameter for the tiny model's shape: the base built has it, and the
