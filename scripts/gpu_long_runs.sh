@@ -7,6 +7,7 @@
 #   g_lora_default  LoRA on the default base
 #   g_full_dc1      every weight of DC1's base, lr 5e-4
 # SET=sweep STEPS=400: three 400-step adapters on DC1's base (learning rate, rank) instead.
+# SET=fast STEPS=900 (G3): seven adapters with the cheaper step (see the SET=fast branch below).
 # Carried: the two bases' model folders, data/assets/menpo3d, and (the device tool's notes) .gl and .whl.
 # Writes $OUT/results.tgz (each run's history, metrics and adapter) and $OUT/log.txt.
 set -u
@@ -48,6 +49,9 @@ config = make_config("default", {"model.device": dev})
 stream = tasks.SampleStream(train.make_renderer(config), tasks.lora_mix(0.2), 32, seed=1)
 t = time.time(); batch = stream.batch(0); print(f"one batch rendered in {time.time() - t:.2f} s")
 for key in ("96289dffbd1e", "cf8ff0410dca"):
+    if not os.path.isdir(f"data/cache/base-{key}/model"):
+        print(key, "not carried: skipped")
+        continue
     b = TinyBackend.load(f"data/cache/base-{key}/model", device=dev)
     enc = b.collate([b.encode(s) for s in batch])
     out = b.model(**{k: v.to(dev) for k, v in enc.items()})
@@ -72,13 +76,25 @@ if [ "${SET:-long}" = long ]; then
     job g_lora_dc1 $DC1
     job g_lora_default data/cache/base-cf8ff0410dca/model
     job g_full_dc1 $DC1 --full --set-more lora.train.lr=5e-4
-else  # SET=sweep STEPS=400: what an adapter of the CPU bar's length (8 min, ~400 steps) reaches
+elif [ "${SET}" = sweep ]; then  # SET=sweep STEPS=400: what an adapter of the CPU bar's length (8 min, ~400 steps) reaches
     job g_s_lr5 $DC1
     job g_s_lr10 $DC1 --set-more lora.train.lr=1e-2
     job g_s_lr10_r32 $DC1 --set-more lora.train.lr=1e-2 lora.rank=32 lora.alpha=64
+else  # SET=fast STEPS=900 (G3): the cheaper step (language model only, no LoRA dropout, bf16 autocast)
+    # at the step count an 8-min CPU adapter reaches with it; the learning rate, rank, vision targets,
+    # fp32 and a half batch beside it
+    fast=(lora.target_vision=false lora.dropout=0 lora.train.autocast_bf16=true lora.train.eval_every=300)
+    job g3_lr10 $DC1 --set-more "${fast[@]}" lora.train.lr=1e-2
+    job g3_lr5 $DC1 --set-more "${fast[@]}" lora.train.lr=5e-3
+    job g3_lr20 $DC1 --set-more "${fast[@]}" lora.train.lr=2e-2
+    job g3_lr10_r16 $DC1 --set-more "${fast[@]}" lora.train.lr=1e-2 lora.rank=16 lora.alpha=32
+    job g3_lr10_vis $DC1 --set-more "${fast[@]}" lora.train.lr=1e-2 lora.target_vision=true
+    job g3_lr10_fp32 $DC1 --set-more "${fast[@]}" lora.train.lr=1e-2 lora.train.autocast_bf16=false
+    job g3_b16_lr7 $DC1 --set-more "${fast[@]}" lora.train.lr=7e-3 lora.train.batch_size=16 \
+        lora.train.max_steps=$((2 * STEPS)) lora.train.eval_every=600
 fi
 wait "${jobs_[@]}"  # not a bare wait: that would also wait for the log's tee
 [ -z "${LOCAL:-}" ] && nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
-grep -h '"hpe/mae_mean"' runs/experiments/g_*/experiment.json
-tar czf "${OUT:-/tmp}/results.tgz" --exclude='checkpoint*' runs/experiments/g_*
+grep -h '"hpe/mae_mean"' runs/experiments/g*_*/experiment.json
+tar czf "${OUT:-/tmp}/results.tgz" --exclude='checkpoint*' runs/experiments/g*_*
 echo done
