@@ -59,6 +59,7 @@ LATEST = "latest_checkpoint.txt"
 HISTORY_CSV = "history.csv"
 LOSS_PNG = "loss.png"
 DONE = "training_done.json"
+SETTINGS_JSON = "settings.json"  # what a training in a folder was started with (fit)
 STATUS_JSON = "status.json"  # step, total, loss, elapsed_s: rewritten every step, for watchers of a run
 BASE_VERSION = 2  # bump when base training code changes what a cached base is (2: Qwen3-VL tiny)
 
@@ -211,10 +212,12 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sample], train: TrainConfig,
         out_dir: str | os.PathLike, desc: str = "train", progress: bool = True,
-        stop_after_steps: int | None = None) -> pd.DataFrame:
+        stop_after_steps: int | None = None, settings: dict[str, Any] | None = None) -> pd.DataFrame:
     """Train `backend.model`'s trainable parameters on `stream` under the budget in `train`.
 
-    Resumes from the latest checkpoint in `out_dir` if there is one.
+    Resumes from the latest checkpoint in `out_dir` if there is one, and if that training had the
+    same `settings`; one made with other settings is moved aside (`<out_dir>.replaced-<time>`, kept,
+    with a note naming what changed) and training starts afresh.
 
     Args:
         backend: the model (its trainable parameters are trained: all for the base, LoRA's for
@@ -224,6 +227,8 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
         train: budget, optimiser and schedule.
         out_dir: checkpoints, `history.csv`, `loss.png`.
         stop_after_steps: stop (as if interrupted) after this many steps in this call; for tests.
+        settings: what defines this training besides `train` (e.g. the LoRA shape, the base);
+            with `train` it is written to `out_dir/settings.json` and compared before resuming.
 
     Returns:
         The history: one row per optimiser step (`step`, `loss`, `lr`, `elapsed_s`) with the
@@ -233,9 +238,17 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = json.loads(json.dumps({"train": dataclasses.asdict(train), **(settings or {})}, default=str))
+    for name in ("prefetch", "prefetch_workers", "eval_every", "eval_samples", "checkpoint_every"):
+        del wanted["train"][name]  # how batches are made and how often it is checked: resuming is fine
     accelerator = Accelerator(gradient_accumulation_steps=train.grad_accum,
                               cpu=backend.device.type == "cpu")
+    if accelerator.is_main_process:
+        _set_aside_if_other_settings(out_dir, wanted)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not (out_dir / SETTINGS_JSON).exists():
+            io.write_json(out_dir / SETTINGS_JSON, wanted)
+    accelerator.wait_for_everyone()
     torch.manual_seed(train.seed)
     model = backend.model
     model.train()
@@ -353,6 +366,34 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
     history = pd.DataFrame(state.history)
     history.attrs["finished"] = stop_after_steps is None or steps_this_call < stop_after_steps
     return history
+
+
+def _set_aside_if_other_settings(out_dir: Path, wanted: dict[str, Any]) -> None:
+    """Move a training folder made with other settings to `<out_dir>.replaced-<time>` (nothing is
+    deleted), saying what changed, so that `fit` starts afresh instead of resuming it. A folder
+    without `settings.json` (written before it existed) is resumed as before."""
+    found = out_dir / SETTINGS_JSON
+    if not found.exists():
+        return
+    before = io.read_json(found)
+    if before == wanted:
+        return
+    flat_before, flat_wanted = _flatten(before), _flatten(wanted)
+    changed = sorted(k for k in set(flat_before) | set(flat_wanted) if flat_before.get(k) != flat_wanted.get(k))
+    aside = out_dir.with_name(f"{out_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(out_dir, aside)
+    print(f"note: {out_dir} was trained with other settings ({', '.join(changed)}); "
+          f"moved to {aside.name}, training afresh")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def write_history(out_dir: Path, history: list[dict]) -> None:
@@ -698,8 +739,13 @@ def train_lora(config: Config, base_dir: str | os.PathLike, adapter_name: str, r
     stream = tasks.SampleStream(make_renderer(config), tasks.lora_mix(rehearsal_ratio),
                                 per_process_batch(config.lora.train, "lora.train"),
                                 seed=config.lora.train.seed + 1, decimals=config.angle_decimals)
+    lora = {k: v for k, v in dataclasses.asdict(config.lora).items() if k not in ("train", "workers", "adapters")}
+    settings = {"adapter": adapter_name, "rehearsal_ratio": rehearsal_ratio, "base": str(Path(base_dir).resolve()),
+                "lora": lora, "data": {"image_size": config.data.image_size, "domain": config.data.train_domain},
+                "angle_decimals": config.angle_decimals}
     history = fit(backend, stream, lora_eval_set(config), config.lora.train, out / "training",
-                  desc=f"lora {adapter_name}", progress=progress, stop_after_steps=stop_after_steps)
+                  desc=f"lora {adapter_name}", progress=progress, stop_after_steps=stop_after_steps,
+                  settings=settings)
     if history.attrs.get("finished") and len(history):
         save_adapter(backend.model, adapter_name, out)
         final = {k: v for k, v in history.iloc[-1].items() if isinstance(v, (int, float)) and np.isfinite(v)}

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hpelib import prompts, train
+from hpelib import io, prompts, train
 from hpelib.backends.tiny import TinyBackend, TinySpec
 from hpelib.config import make_config
 from hpelib.data import tasks
@@ -165,6 +165,21 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     assert "hpe/valid_rate" in pd.read_csv(out / train.HISTORY_CSV).columns
     assert len(list(out.glob(f"{train.CHECKPOINT_PREFIX}*"))) == 1  # older checkpoints pruned
     assert not list(out.glob(".*tmp"))
+
+
+def test_a_training_with_other_settings_is_set_aside_not_resumed(tmp_path, capsys):
+    """Rerunning into a folder whose checkpoint was made with another learning rate trains afresh;
+    the old folder is kept beside it and the note names what changed."""
+    _, h_part = _fit(tmp_path / "t", max_steps=5, stop_after_steps=3)
+    assert train.latest_checkpoint(tmp_path / "t") is not None
+    capsys.readouterr()
+    _, h_new = _fit(tmp_path / "t", max_steps=5, lr=2e-3)
+    _, h_fresh = _fit(tmp_path / "fresh", max_steps=5, lr=2e-3)
+    np.testing.assert_allclose(h_new["loss"], h_fresh["loss"], rtol=1e-5)  # trained afresh, not resumed at step 2
+    assert "train.lr" in capsys.readouterr().out
+    (aside,) = tmp_path.glob("t.replaced-*")
+    assert (aside / train.SETTINGS_JSON).exists() and train.latest_checkpoint(aside) is not None
+    assert io.read_json(tmp_path / "t" / train.SETTINGS_JSON)["train"]["lr"] == 2e-3
 
 
 def test_autocast_bf16_runs_the_forward_in_bfloat16_and_keeps_float32_weights(tmp_path):
