@@ -16,8 +16,11 @@ def test_every_profile_is_valid_and_round_trips(profile):
     assert again.digest() == cfg.digest()
 
 
-def test_defaults_describe_the_default_profile():
-    assert make_config("default") == Config()
+def test_defaults_describe_the_quick_profile_and_default_is_a_short_list_over_them():
+    assert make_config("quick") == Config(profile="quick")
+    default = make_config("default")
+    assert default.model.tiny_spec and default.base.freeze_vision and not default.lora.target_vision
+    assert default.merge == Config().merge and default.eval == Config().eval
 
 
 def test_overrides_apply_and_none_is_ignored():
@@ -64,7 +67,7 @@ def test_unknown_key_and_profile_are_named():
 
 def test_hub_backend_needs_a_model_id():
     with pytest.raises(ValueError, match="model.model_id"):
-        make_config("default", {"model.backend": "qwen2_vl"})
+        make_config("quick", {"model.backend": "qwen2_vl"})
 
 
 def test_digest_tracks_only_named_sections():

@@ -50,7 +50,7 @@ def qwen_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen(qwen_folder):
-    cfg = make_config("default", {"model.backend": "qwen2_vl", "model.model_id": str(qwen_folder)})
+    cfg = make_config("quick", {"model.backend": "qwen2_vl", "model.model_id": str(qwen_folder)})
     return get_backend_class("qwen2_vl").build(cfg)
 
 
@@ -332,7 +332,7 @@ def test_cogvlm_collate_pads_rows_and_nests_one_image_per_sample():
 
 
 def test_cogvlm_needs_trust_remote_code_to_be_set_and_says_so():
-    cfg = make_config("default", {"model.backend": "cogvlm", "model.model_id": "THUDM/cogvlm-grounding-generalist-hf"})
+    cfg = make_config("quick", {"model.backend": "cogvlm", "model.model_id": "THUDM/cogvlm-grounding-generalist-hf"})
     assert cfg.model.trust_remote_code is False
     with pytest.raises(ValueError, match=r"-p model\.trust_remote_code true"):
         get_backend_class("cogvlm").build(cfg)

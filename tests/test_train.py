@@ -443,7 +443,7 @@ def test_the_base_key_knows_a_conv_stem_and_leaves_plain_bases_keys_alone(monkey
 
     from hpelib.backends import tiny
 
-    config = make_config("default")
+    config = make_config("quick")
     plain = train.base_key(config)
     monkeypatch.setattr(tiny, "TinySpec", functools.partial(TinySpec, stem="conv"))
     assert train.base_key(config) != plain
@@ -463,9 +463,9 @@ def test_bf16_autocast_is_a_new_base_and_leaves_cached_bases_keys_alone():
     """The keys of the bases the docs and profiles name (trained before `autocast_bf16` existed) stay
     as they were; a base trained under autocast is a new one. If a deliberate change re-keys every
     base (a new task word, BASE_VERSION), update the two keys here and say so in the commit."""
-    assert train.base_key(make_config("default")) == "cf8ff0410dca"
-    assert train.base_key(make_config("pose")) == "96289dffbd1e"
-    assert train.base_key(make_config("default", {"base.autocast_bf16": True})) != "cf8ff0410dca"
+    assert train.base_key(make_config("quick")) == "cf8ff0410dca"
+    assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == "96289dffbd1e"
+    assert train.base_key(make_config("quick", {"base.autocast_bf16": True})) != "cf8ff0410dca"
 
 def test_model_tiny_spec_builds_that_model_and_is_its_base_key(monkeypatch):
     """`model.tiny_spec` is the parameter for the tiny model's shape: the base built has it, and the
@@ -497,9 +497,9 @@ def test_model_tiny_spec_refuses_what_tiny_spec_does():
 
 
 def test_the_pose_profile_reuses_the_base_its_numbers_came_from():
-    """The `pose` profile's base is DC1 of docs/tiny_backend.md, trained by `tiny_experiment.py base
+    """The `pose` and `default` profiles' base is DC1 of docs/tiny_backend.md, trained by `tiny_experiment.py base
     --spec '{"stem": "conv", "angle_circle": 5}' --set base.vision_minutes=10 ...`: the same key."""
-    dc1 = make_config("default", {"model.tiny_spec": {"stem": "conv", "angle_circle": 5}, "base.vision_minutes": 10,
-                                  "base.vision_targets": "dense", "base.freeze_vision": True, "base.minutes": 18})
-    assert train.base_key(make_config("pose")) == train.base_key(dc1)
+    dc1 = make_config("quick", {"model.tiny_spec": {"stem": "conv", "angle_circle": 5}, "base.vision_minutes": 10,
+                                "base.vision_targets": "dense", "base.freeze_vision": True, "base.minutes": 18})
+    assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == train.base_key(dc1)
     assert make_config("pose").lora.train.minutes > make_config("default").lora.train.minutes
