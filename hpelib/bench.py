@@ -2,12 +2,18 @@
 
     python -m hpelib.bench similarity [--ranks 8 16 64] [--repeat 2] [--threads N] [--out docs/similarity_benchmark.md]
     python -m hpelib.bench base-step [--profile default] [--steps 16] [--repeat 2] [--threads N]
+    python -m hpelib.bench lora-step [--profile default] [--steps 8] [--repeat 2] [--threads 1]
 
 `base-step` times a tiny base training step in five ways, interleaved so that a machine's
 drifting speed touches them alike: the model's work alone (forward, backward, AdamW on ready
 batches) with the patch embedding as the `Conv3d`, as `PatchProjection`, and with a `ConvStem`
 beside it (`TinySpec.stem = "conv"`), then `train.fit`'s real loop with `prefetch` off and on
 (docs/tiny_backend.md, "Faster base steps" and "A convolutional stem").
+
+`lora-step` times an adapter's step (forward, backward, AdamW on ready batches of the LoRA mix, on
+the profile's model with random weights) in `LORA_STEP_VARIANTS`' five settings: the LoRA targets,
+its dropout and `train.autocast_bf16` (docs/tiny_backend.md, "A step twice as cheap"). With
+`--threads 1` it is the workbook's condition: two adapters side by side, one core each.
 
 `similarity` times the exact low-rank similarity path of `hpelib.similarity` against the dense
 path (`dW = B @ A` materialised, as PEFT's `get_delta_weight` does) on the layer shapes of one
@@ -303,6 +309,63 @@ def bench_base_step(profile: str = "default", steps: int = 16, repeat: int = 2, 
     return [{"variant": v, "s_per_step": float(np.median(t)), "runs": t} for v, t in times.items()]
 
 
+LORA_STEP_VARIANTS = {  # label -> config overrides
+    "language + vision LoRA, dropout 0.05, fp32": {"lora.target_vision": True, "lora.dropout": 0.05,
+                                                   "lora.train.autocast_bf16": False},
+    "language + vision LoRA, dropout 0, fp32": {"lora.target_vision": True, "lora.dropout": 0.0,
+                                                "lora.train.autocast_bf16": False},
+    "language + vision LoRA, dropout 0, bf16 autocast": {"lora.target_vision": True, "lora.dropout": 0.0,
+                                                         "lora.train.autocast_bf16": True},
+    "language-model LoRA, dropout 0, fp32": {"lora.target_vision": False, "lora.dropout": 0.0,
+                                             "lora.train.autocast_bf16": False},
+    "language-model LoRA, dropout 0, bf16 autocast": {"lora.target_vision": False, "lora.dropout": 0.0,
+                                                      "lora.train.autocast_bf16": True},
+}
+
+
+def bench_lora_step(profile: str = "default", steps: int = 8, repeat: int = 2, seed: int = 0) -> list[dict]:
+    """Rows `{variant, s_per_step, runs}`: the median seconds per adapter step of each of
+    `LORA_STEP_VARIANTS` over `repeat` interleaved runs of `steps` steps on ready batches."""
+    from peft import get_peft_model
+
+    from hpelib.backends.tiny import TinyBackend
+    from hpelib.config import make_config
+    from hpelib.data import tasks
+    from hpelib.train import lora_config, make_renderer
+
+    base = make_config(profile)
+    backend = TinyBackend.build(base, seed=seed)
+    stream = tasks.SampleStream(make_renderer(base), tasks.lora_mix(0.2), base.lora.train.batch_size, seed=seed)
+    ready = [backend.collate([backend.encode(s) for s in stream.batch(i)]) for i in range(steps)]
+    runs = {}
+    for label, overrides in LORA_STEP_VARIANTS.items():
+        config = make_config(profile, overrides)
+        torch.manual_seed(seed)
+        model = get_peft_model(copy.deepcopy(backend.model), lora_config(config, backend), adapter_name="bench")
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lora.train.lr)
+        runs[label] = (model, optimizer, config.lora.train.autocast_bf16)
+
+    def model_steps(label: str) -> None:
+        model, optimizer, bf16 = runs[label]
+        for batch in ready:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for label in runs:  # warm-up
+        model_steps(label)
+    for _ in range(repeat):
+        for label in runs:
+            start = time.perf_counter()
+            model_steps(label)
+            times[label].append((time.perf_counter() - start) / steps)
+    return [{"variant": v, "s_per_step": float(np.median(t)), "runs": t} for v, t in times.items()]
+
+
 def base_step_table_md(rows: list[dict]) -> str:
     lines = ["| what is timed | s / step (median) | runs |", "|---|---:|---|"]
     lines += [f"| {r['variant']} | {r['s_per_step']:.3f} | {', '.join(f'{t:.3f}' for t in r['runs'])} |" for r in rows]
@@ -326,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--repeat", type=int, default=2, help="interleaved runs per variant (the median is reported)")
     step.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     step.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
+    lstep = sub.add_parser("lora-step", help="an adapter's step: LoRA targets, dropout and bf16 autocast, timed")
+    lstep.add_argument("--profile", default="default", help="the configuration profile (model and batch size)")
+    lstep.add_argument("--steps", type=int, default=8, help="steps per timed run")
+    lstep.add_argument("--repeat", type=int, default=2, help="interleaved runs per variant (the median is reported)")
+    lstep.add_argument("--threads", type=int, default=None, help="torch CPU threads (1: the workbook's adapters)")
+    lstep.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -334,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.steps < 1 or args.repeat < 1:
             parser.error(f"--steps and --repeat must be >= 1, got {args.steps} and {args.repeat}")
-        table = base_step_table_md(bench_base_step(args.profile, args.steps, args.repeat))
+        bench = bench_base_step if args.bench == "base-step" else bench_lora_step
+        table = base_step_table_md(bench(args.profile, args.steps, args.repeat))
     print(table)
     if args.out is not None:
         from hpelib import io

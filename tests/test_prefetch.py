@@ -82,3 +82,12 @@ def test_the_base_step_benchmark_times_every_way(capsys):
     assert all(float(row.split(" | ")[1]) > 0 for row in rows)
     with pytest.raises(SystemExit):
         bench.main(["base-step", "--steps", "0"])
+
+
+def test_the_lora_step_benchmark_times_every_setting(capsys):
+    from hpelib import bench
+
+    assert bench.main(["lora-step", "--profile", "smoke", "--steps", "1", "--repeat", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "s / step" not in line]
+    assert [row.split(" | ")[0][2:] for row in rows] == list(bench.LORA_STEP_VARIANTS)
+    assert all(float(row.split(" | ")[1]) > 0 for row in rows)
