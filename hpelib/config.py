@@ -349,6 +349,17 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "base": TrainConfig, "lor
              "merge": MergeConfig, "eval": EvalConfig, "baselines": BaselineConfig}
 
 # --------------------------------------------------------------------------- profiles
+# DC1's base (docs/tiny_backend.md, "Dense vision targets" and "Adapters with many more steps"): a
+# conv-stem tower pre-trained alone on dense pose-free targets, then frozen, and the angle tokens' rows
+# on a circle. The `default` and `pose` profiles share it, so one cached base serves both.
+DC1_BASE: dict[str, Any] = {
+    "model.tiny_spec": {"stem": "conv", "angle_circle": 5},
+    "base.vision_minutes": 10,  # (ints, as DC1 was trained with: the same base key, so its cache serves)
+    "base.vision_targets": "dense",
+    "base.freeze_vision": True,
+    "base.minutes": 18,  # a ceiling: base.max_steps (1300) ends the curriculum first (~10 min)
+}
+
 # Dotted overrides on the defaults above. Comments say why a number is what it is.
 PROFILES: dict[str, dict[str, Any]] = {
     # The CPU study the README reports, with adapters that learn head pose within 8 minutes
@@ -357,11 +368,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # base key as `pose`), and adapters with the cheaper step: LoRA on the language model only, no
     # LoRA dropout, bf16 autocast, lr 1e-2 (~1190 steps in 8 min, side by side on one core each).
     "default": {
-        "model.tiny_spec": {"stem": "conv", "angle_circle": 5},
-        "base.vision_minutes": 10,  # (ints, as DC1 was trained with: the same base key, so its cache serves)
-        "base.vision_targets": "dense",
-        "base.freeze_vision": True,
-        "base.minutes": 18,  # a ceiling: base.max_steps (1300) ends the curriculum first (~10 min)
+        **DC1_BASE,
         "lora.target_vision": False,  # the tower is frozen and pre-trained; its LoRA costs 60 % more a step
         "lora.dropout": 0.0,  # the dropout masks were 13 % of a step
         "lora.train.autocast_bf16": True,
@@ -403,11 +410,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # updates, which task arithmetic and TIES merge without breaking the format (docs/tiny_backend.md,
     # "Adapters with many more steps"). About 70 min on 2 cores with the base, 50 without.
     "pose": {
-        "model.tiny_spec": {"stem": "conv", "angle_circle": 5},
-        "base.vision_minutes": 10,  # (ints, as DC1 was trained with: the same base key, so its cache serves)
-        "base.vision_targets": "dense",
-        "base.freeze_vision": True,
-        "base.minutes": 18,  # a ceiling: base.max_steps (1300) ends the curriculum first (~14 min)
+        **DC1_BASE,
         "lora.train.minutes": 40.0,
         "lora.train.eval_every": 250,
     },
