@@ -108,7 +108,9 @@ class ModelConfig:
                "false for the tiny backend (4-bit loading is for pretrained hub models)")
         _check(isinstance(self.tiny_spec, dict), "tiny_spec", self.tiny_spec, "a dict of TinySpec fields")
         if self.tiny_spec:
-            _check(self.backend == "tiny", "tiny_spec", self.tiny_spec, f"empty when model.backend is {self.backend!r}")
+            _check(self.backend == "tiny", "tiny_spec", self.tiny_spec,
+                   f"empty when model.backend is {self.backend!r} (the default profile sets it for the tiny VLM: "
+                   f"start from --profile gpu, real or quick, or set model.tiny_spec to {{}})")
             from hpelib.backends.tiny import spec_from_fields  # transformers: imported only when asked
 
             spec_from_fields(self.tiny_spec, "tiny_spec")  # a clear error now rather than when the base is built

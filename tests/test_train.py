@@ -494,6 +494,9 @@ def test_model_tiny_spec_refuses_what_tiny_spec_does():
         make_config("default", {"model.tiny_spec": {"stem": "cnn"}})
     with pytest.raises(ValueError, match=r"model\.tiny_spec must be empty when model\.backend is 'qwen2_vl'"):
         make_config("default", {"model.tiny_spec": {"stem": "conv"}, "model.backend": "qwen2_vl", "model.model_id": "x"})
+    with pytest.raises(ValueError, match=r"default profile sets it .* --profile gpu, real or quick"):
+        make_config("default", {"model.backend": "qwen2_vl", "model.model_id": "x"})
+    assert make_config("default", {"model.backend": "qwen2_vl", "model.model_id": "x", "model.tiny_spec": {}}).model.tiny_spec == {}
 
 
 def test_the_pose_profile_reuses_the_base_its_numbers_came_from():
