@@ -11,9 +11,10 @@ beside it (`TinySpec.stem = "conv"`), then `train.fit`'s real loop with `prefetc
 (docs/tiny_backend.md, "Faster base steps" and "A convolutional stem").
 
 `lora-step` times an adapter's step (forward, backward, AdamW on ready batches of the LoRA mix, on
-the profile's model with random weights) in `LORA_STEP_VARIANTS`' five settings: the LoRA targets,
-its dropout and `train.autocast_bf16` (docs/tiny_backend.md, "A step twice as cheap"). With
-`--threads 1` it is the workbook's condition: two adapters side by side, one core each.
+the profile's model with random weights) in `LORA_STEP_VARIANTS`' six settings: the LoRA targets,
+its dropout, `train.autocast_bf16` and the logits of the answer only (`train.answer_loss`;
+docs/tiny_backend.md, "A step twice as cheap"). With `--threads 1` it is the workbook's condition:
+two adapters side by side, one core each.
 
 `similarity` times the exact low-rank similarity path of `hpelib.similarity` against the dense
 path (`dW = B @ A` materialised, as PEFT's `get_delta_weight` does) on the layer shapes of one
@@ -309,17 +310,19 @@ def bench_base_step(profile: str = "default", steps: int = 16, repeat: int = 2, 
     return [{"variant": v, "s_per_step": float(np.median(t)), "runs": t} for v, t in times.items()]
 
 
-LORA_STEP_VARIANTS = {  # label -> config overrides
-    "language + vision LoRA, dropout 0.05, fp32": {"lora.target_vision": True, "lora.dropout": 0.05,
-                                                   "lora.train.autocast_bf16": False},
-    "language + vision LoRA, dropout 0, fp32": {"lora.target_vision": True, "lora.dropout": 0.0,
-                                                "lora.train.autocast_bf16": False},
-    "language + vision LoRA, dropout 0, bf16 autocast": {"lora.target_vision": True, "lora.dropout": 0.0,
-                                                         "lora.train.autocast_bf16": True},
-    "language-model LoRA, dropout 0, fp32": {"lora.target_vision": False, "lora.dropout": 0.0,
-                                             "lora.train.autocast_bf16": False},
-    "language-model LoRA, dropout 0, bf16 autocast": {"lora.target_vision": False, "lora.dropout": 0.0,
-                                                      "lora.train.autocast_bf16": True},
+LORA_STEP_VARIANTS = {  # label -> (config overrides, logits only where a label follows: train.answer_loss)
+    "language + vision LoRA, dropout 0.05, fp32": (
+        {"lora.target_vision": True, "lora.dropout": 0.05, "lora.train.autocast_bf16": False}, False),
+    "language + vision LoRA, dropout 0, fp32": (
+        {"lora.target_vision": True, "lora.dropout": 0.0, "lora.train.autocast_bf16": False}, False),
+    "language + vision LoRA, dropout 0, bf16 autocast": (
+        {"lora.target_vision": True, "lora.dropout": 0.0, "lora.train.autocast_bf16": True}, False),
+    "language-model LoRA, dropout 0, fp32": (
+        {"lora.target_vision": False, "lora.dropout": 0.0, "lora.train.autocast_bf16": False}, False),
+    "language-model LoRA, dropout 0, bf16 autocast": (
+        {"lora.target_vision": False, "lora.dropout": 0.0, "lora.train.autocast_bf16": True}, False),
+    "language-model LoRA, dropout 0, bf16 autocast, answer logits only": (
+        {"lora.target_vision": False, "lora.dropout": 0.0, "lora.train.autocast_bf16": True}, True),
 }
 
 
@@ -331,26 +334,26 @@ def bench_lora_step(profile: str = "default", steps: int = 8, repeat: int = 2, s
     from hpelib.backends.tiny import TinyBackend
     from hpelib.config import make_config
     from hpelib.data import tasks
-    from hpelib.train import lora_config, make_renderer
+    from hpelib.train import answer_loss, lora_config, make_renderer
 
     base = make_config(profile)
     backend = TinyBackend.build(base, seed=seed)
     stream = tasks.SampleStream(make_renderer(base), tasks.lora_mix(0.2), base.lora.train.batch_size, seed=seed)
     ready = [backend.collate([backend.encode(s) for s in stream.batch(i)]) for i in range(steps)]
     runs = {}
-    for label, overrides in LORA_STEP_VARIANTS.items():
+    for label, (overrides, answer_only) in LORA_STEP_VARIANTS.items():
         config = make_config(profile, overrides)
         torch.manual_seed(seed)
         model = get_peft_model(copy.deepcopy(backend.model), lora_config(config, backend), adapter_name="bench")
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lora.train.lr)
-        runs[label] = (model, optimizer, config.lora.train.autocast_bf16)
+        runs[label] = (model, optimizer, config.lora.train.autocast_bf16, answer_only)
 
     def model_steps(label: str) -> None:
-        model, optimizer, bf16 = runs[label]
+        model, optimizer, bf16, answer_only = runs[label]
         for batch in ready:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = model(**batch).loss
+                loss = answer_loss(model, batch) if answer_only else model(**batch).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -389,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--repeat", type=int, default=2, help="interleaved runs per variant (the median is reported)")
     step.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     step.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
-    lstep = sub.add_parser("lora-step", help="an adapter's step: LoRA targets, dropout and bf16 autocast, timed")
+    lstep = sub.add_parser("lora-step", help="an adapter's step: LoRA targets, dropout, bf16 autocast, answer-only logits, timed")
     lstep.add_argument("--profile", default="default", help="the configuration profile (model and batch size)")
     lstep.add_argument("--steps", type=int, default=8, help="steps per timed run")
     lstep.add_argument("--repeat", type=int, default=2, help="interleaved runs per variant (the median is reported)")

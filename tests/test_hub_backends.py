@@ -65,6 +65,19 @@ def test_qwen_builds_from_a_folder_with_the_checkpoints_own_class_and_processor(
     assert json.loads((qwen_folder / "processor_config.json").read_text())["processor_class"] == "Qwen2VLProcessor"
 
 
+def test_qwen_answer_loss_matches_the_models_own(qwen):
+    """`Qwen2VLBackend.answer_logits_only`: its forward takes the boolean `logits_to_keep` mask, and
+    `train.answer_loss` equals the model's own loss on a padded batch of two answers."""
+    from hpelib import train
+
+    assert qwen.answer_logits_only and not CogVLMBackend.answer_logits_only
+    batch = qwen.collate([qwen.encode(Sample(_image(0), HPE_PROMPT, ANSWER)),
+                          qwen.encode(Sample(_image(1), HPE_PROMPT, "[[000,000,999,999]] yaw:1 pitch:2 roll:3"))])
+    batch = {k: v.to(qwen.device) for k, v in batch.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(train.answer_loss(qwen.model, batch), qwen.model(**batch).loss)
+
+
 def test_qwen_encode_puts_the_loss_on_the_answer_only(qwen):
     enc = qwen.encode(Sample(_image(0), HPE_PROMPT, ANSWER))
     ids, labels, types = enc["input_ids"], enc["labels"], enc["mm_token_type_ids"]

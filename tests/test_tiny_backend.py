@@ -358,3 +358,26 @@ def test_circular_angle_rows_turn_the_most_likely_angle_with_the_hidden_state(co
     assert torch.equal(coded.model.get_input_embeddings().weight, plain.model.get_input_embeddings().weight)
     other = [i for t, i in plain.tokenizer.get_vocab().items() if t.isalpha()]
     assert torch.equal(coded.model.lm_head.weight[other], plain.model.lm_head.weight[other])  # words untouched
+
+
+def test_answer_loss_is_the_models_own_loss_with_fewer_logits(backend):
+    """`train.answer_loss` projects onto the vocabulary only where a label follows: the same loss
+    and the same gradients as `model(**batch).loss`, on a batch mixing both tasks (padded)."""
+    from hpelib import train
+
+    assert backend.answer_logits_only
+    batch = backend.collate([backend.encode(s) for s in random_samples(4)])
+    backend.model.train()
+    torch.manual_seed(0)
+    own = backend.model(**batch).loss
+    own.backward()
+    own_grads = {n: p.grad.clone() for n, p in backend.model.named_parameters() if p.grad is not None}
+    backend.model.zero_grad()
+    torch.manual_seed(0)
+    mine = train.answer_loss(backend.model, batch)
+    mine.backward()
+    torch.testing.assert_close(mine, own)
+    for n, p in backend.model.named_parameters():
+        if n in own_grads:
+            torch.testing.assert_close(p.grad, own_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert "labels" in batch  # the caller's batch is left as it was

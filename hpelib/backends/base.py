@@ -39,6 +39,9 @@ class Backend:
     """Base class of the VLM backends. Subclasses set `name` and implement the methods below."""
 
     name: ClassVar[str] = ""
+    # The model's forward takes a boolean `logits_to_keep` mask (transformers' `slice_logits_to_keep`),
+    # so training projects onto the vocabulary only where a label follows (`train.answer_loss`)
+    answer_logits_only: ClassVar[bool] = False
 
     def __init__(self, model: torch.nn.Module, processor: Any):
         self.model = model

@@ -91,6 +91,7 @@ class Qwen2VLBackend(Backend):
     """
 
     name = "qwen2_vl"
+    answer_logits_only = True  # Qwen2-VL, Qwen2.5-VL and the tiny Qwen3-VL slice with slice_logits_to_keep
 
     def __init__(self, model: torch.nn.Module, processor: ProcessorMixin, source: str = ""):
         super().__init__(model, processor)
