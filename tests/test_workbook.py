@@ -339,6 +339,7 @@ def test_runner_overrides_reach_every_notebook_whatever_its_named_parameters(not
         for part in key.split("."):
             got, default = got[part], default[part]
         assert got == value != default, (notebook, key, got)
+    assert set(named) <= set(NAMED_KEY_VALUES), f"{notebook}: give the table a value for {set(named) - set(NAMED_KEY_VALUES)}"
     if not named:
         return
     first_key, first_name = next(iter(named.items()))
