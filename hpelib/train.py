@@ -264,6 +264,8 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
         from hpelib.soft_targets import NumberTargets
 
         soft = NumberTargets.from_tokenizer(backend.tokenizer, train.angle_sigma, train.box_sigma)
+    # the vision stage's job (hpelib.vision_pretrain) is no Backend: its loss is its own head's
+    answer_only = bool(getattr(backend, "answer_logits_only", False))
     is_main = accelerator.is_main_process
     part = accelerator.process_index
     budget_s = train.minutes * 60.0
@@ -306,7 +308,7 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.accumulate(model):
                     with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=train.autocast_bf16):
-                        if soft is None and backend.answer_logits_only:
+                        if soft is None and answer_only:
                             loss = answer_loss(model, batch)
                         elif soft is None:
                             loss = model(**batch).loss
