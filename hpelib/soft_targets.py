@@ -107,12 +107,20 @@ class NumberTargets:
             labels: `(B, L)`, -100 where there is no loss (the model's own convention: position t
                 predicts labels[t + 1]).
         """
-        logits = logits[:, :-1].float()
         target = labels[:, 1:]
-        before = labels[:, :-1]
         keep = target != -100
-        log_p = F.log_softmax(logits[keep], dim=-1)  # (N, V)
-        target, before = target[keep], before[keep]
+        return self.loss_at(logits[:, :-1][keep], labels, keep)
+
+    def loss_at(self, logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """`loss` from the logits of the labelled positions only (`train.answer_loss`).
+
+        Args:
+            logits: `(N, V)`, the logits at the positions `keep` selects, in order.
+            labels: `(B, L)`, as for `loss`.
+            keep: `(B, L - 1)` boolean, `labels[:, 1:] != -100`.
+        """
+        log_p = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+        target, before = labels[:, 1:][keep], labels[:, :-1][keep]
         per_token = -log_p.gather(1, target[:, None]).squeeze(1)
         for kernel, ids, index, opens in ((self.angle_kernel, self.angle_ids, self.angle_index, self.field_ids),
                                           (self.box_kernel, self.box_ids, self.box_index, self.box_open_ids)):

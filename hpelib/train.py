@@ -308,8 +308,8 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.accumulate(model):
                     with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=train.autocast_bf16):
-                        if soft is None and answer_only:
-                            loss = answer_loss(model, batch)
+                        if answer_only:
+                            loss = answer_loss(model, batch, soft)
                         elif soft is None:
                             loss = model(**batch).loss
                         else:
@@ -372,16 +372,19 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
     return history
 
 
-def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], soft=None) -> torch.Tensor:
     """`model(**batch).loss` (the mean cross-entropy of the labelled tokens), with the vocabulary
     projection only at the positions whose next token is labelled: the answer's, about a third of a
     tiny LoRA batch's positions. 13 % of a tiny adapter's step (docs/tiny_backend.md, "A step twice as
-    cheap"). Needs a forward that takes a boolean `logits_to_keep` mask (`Backend.answer_logits_only`)."""
+    cheap"). Needs a forward that takes a boolean `logits_to_keep` mask (`Backend.answer_logits_only`).
+    With `soft` (`soft_targets.NumberTargets`), its soft-target loss instead of the cross-entropy."""
     batch = dict(batch)
     labels = batch.pop("labels")
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != -100
     logits = model(**batch, logits_to_keep=keep).logits  # (labelled positions, vocabulary)
+    if soft is not None:
+        return soft.loss_at(logits, labels, keep[:, :-1])
     return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]])
 
 

@@ -94,3 +94,20 @@ def test_a_digit_tokenizer_is_refused_by_name():
 def test_negative_sigmas_are_refused_by_name():
     with pytest.raises(ValueError, match="angle_sigma"):
         TrainConfig(angle_sigma=-1)
+
+
+def test_the_soft_loss_from_the_answers_logits_alone_is_the_full_ones(backend):
+    """`train.answer_loss(..., soft)` (logits only where a label follows, as `fit` computes them for
+    backends that allow it) gives the soft-target loss of the full logits, on a padded batch with
+    head-pose answers, so a soft-target adapter keeps the cheaper step."""
+    from hpelib import train
+
+    samples = random_samples(6)
+    assert any(s.task == "hpe" for s in samples)
+    batch = backend.collate([backend.encode(s) for s in samples])
+    soft = NumberTargets.from_tokenizer(backend.tokenizer, 3.0, 2.0)
+    full = dict(batch)
+    labels = full.pop("labels")
+    expected = soft.loss(backend.model(**full).logits, labels)
+    torch.testing.assert_close(train.answer_loss(backend.model, batch, soft), expected)
+    assert not torch.allclose(train.answer_loss(backend.model, batch), expected)  # the soft targets did count
