@@ -156,6 +156,8 @@ class TrainConfig:
     autocast_bf16: bool = False  # forward passes under torch.autocast in bfloat16 (weights and optimiser stay
     # float32): CPUs with AVX512-BF16 or AMX, and GPUs. The tiny VLM's LoRA step on one core: 0.60 -> 0.51 s,
     # language-only 0.51 -> 0.32 (docs/tiny_backend.md, "A step twice as cheap"). Held-out checks run unchanged
+    lora_plus_ratio: float = 1.0  # LoRA only: LoRA's B matrices learn at this many times `lr` (LoRA+, Hayou
+    # et al. 2024: B's best step is larger than A's); 1: one learning rate for both, plain LoRA
 
     def __post_init__(self) -> None:
         _positive("minutes", self.minutes)
@@ -170,6 +172,7 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_samples", "checkpoint_every"):
             _positive_int(name, getattr(self, name))
         _positive("lr", self.lr)
+        _positive("lora_plus_ratio", self.lora_plus_ratio)
         _non_negative_int("warmup_steps", self.warmup_steps)
         _check(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0, "weight_decay",
                self.weight_decay, "a number >= 0")
@@ -192,6 +195,8 @@ class LoraConfig:
     dropout: float = 0.05
     target_language: bool = True  # LoRA on the language model's attention and MLP projections
     target_vision: bool = True  # and on the vision tower, as CogVLM's own LoRA demo does
+    target_projector: bool = False  # and on the projector that hands the tower's features to the language
+    # model (Qwen-VL's patch merger, Qwen3-VL's deepstack mergers too; CogVLM's GLU adapter)
     adapters: dict[str, float] = field(default_factory=lambda: {"hpe": 0.0, "hpe_rehearsal": 0.2})
     # adapter name -> rehearsal ratio: the fraction of grounding samples in each batch
     workers: int = 2  # adapters trained at once, each in its own process with its share of the CPU
@@ -214,12 +219,15 @@ class LoraConfig:
         _check(self.train.processes == 1, "train.processes", self.train.processes,
                "1: the notebooks train adapters side by side with lora.workers instead (for data-parallel "
                "LoRA, run `accelerate launch --multi_gpu --num_processes N -m hpelib.train lora` yourself)")
+        for name in ("target_language", "target_vision", "target_projector"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
         _check(self.train.vision_minutes == 0, "train.vision_minutes", self.train.vision_minutes,
                "0: vision pre-training is a stage of the base (base.vision_minutes), not of an adapter")
         _positive("alpha", self.alpha)
         _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
-        _check(self.target_language or self.target_vision, "target_language/target_vision",
-               (self.target_language, self.target_vision), "at least one True")
+        _check(self.target_language or self.target_vision or self.target_projector,
+               "target_language/target_vision/target_projector",
+               (self.target_language, self.target_vision, self.target_projector), "at least one True")
         _check(isinstance(self.adapters, dict) and len(self.adapters) > 0, "adapters", self.adapters,
                "a non-empty dict of adapter name -> rehearsal ratio")
         for name, ratio in self.adapters.items():
@@ -324,6 +332,8 @@ class Config:
             if isinstance(value, dict):
                 setattr(self, name, _build_section(name, cls, value))
         _one_of("profile", self.profile, tuple(PROFILES))
+        _check(self.base.lora_plus_ratio == 1, "base.lora_plus_ratio", self.base.lora_plus_ratio,
+               "1: a base trains every weight, it has no LoRA B matrices (lora.train.lora_plus_ratio)")
         _non_negative_int("seed", self.seed)
         _check(self.angle_decimals in (0, 1, 2), "angle_decimals", self.angle_decimals, "0, 1 or 2")
 

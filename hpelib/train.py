@@ -201,13 +201,24 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> LoopState:
 
 
 # ------------------------------------------------------------------------------------ the loop
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def _param_groups(model: torch.nn.Module, weight_decay: float, lora_plus_ratio: float = 1.0) -> list[dict]:
+    """AdamW's groups: weight decay on matrices only; with `lora_plus_ratio` != 1 LoRA's B matrices
+    in a group of their own whose learning rate is that many times the schedule's (`lr_scale`)."""
+    decay, no_decay, lora_b = [], [], []
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in n.lower() or "embed" in n.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if lora_plus_ratio != 1 and ".lora_B." in n:
+            lora_b.append(p)
+        else:
+            (no_decay if p.ndim < 2 or "norm" in n.lower() or "embed" in n.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if lora_plus_ratio != 1:
+        if not lora_b:
+            raise ValueError(f"lora_plus_ratio={lora_plus_ratio}: the model has no trainable LoRA B matrices "
+                             "(`.lora_B.`); set it to 1 for training without LoRA")
+        groups.append({"params": lora_b, "weight_decay": weight_decay, "lr_scale": lora_plus_ratio})
+    return groups
 
 
 def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sample], train: TrainConfig,
@@ -252,7 +263,8 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
     torch.manual_seed(train.seed)
     model = backend.model
     model.train()
-    optimizer = torch.optim.AdamW(_param_groups(model, train.weight_decay), lr=train.lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(_param_groups(model, train.weight_decay, train.lora_plus_ratio), lr=train.lr,
+                                  betas=(0.9, 0.98))
 
     state = LoopState()
     ckpt = latest_checkpoint(out_dir)
@@ -300,7 +312,7 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
                 calib_t0, calib_step0 = (time.time(), state.elapsed_s), state.step
             lr = train.lr * lr_factor(state.step, train.warmup_steps, state.total_steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             losses = []
             for micro in range(train.grad_accum):
                 samples = stream.batch(state.step * train.grad_accum + micro, part=part)
@@ -495,6 +507,7 @@ def base_key(config: Config) -> str:
             del spec["stem"], spec["stem_widths"]
     base = dataclasses.asdict(config.base)
     del base["prefetch"], base["prefetch_workers"]  # how the batches are made, not which: the same base either way
+    del base["lora_plus_ratio"]  # always 1 for a base (Config checks it): no LoRA there
     for name in ADDED_BASE_FIELDS:  # fields added after bases were cached: in the key only when set
         if not base[name]:
             del base[name]
@@ -728,7 +741,8 @@ def lora_config(config: Config, backend: Backend):
 
     return LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=backend.lora_target_modules(config.lora.target_language,
-                                                                 config.lora.target_vision),
+                                                                 config.lora.target_vision,
+                                                                 config.lora.target_projector),
                       bias="none")
 
 

@@ -218,6 +218,31 @@ def test_lora_stage_saves_a_peft_adapter(tmp_path, monkeypatch):
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def test_lora_plus_ratio_gives_the_b_matrices_a_larger_step(tmp_path, monkeypatch):
+    """`lora.train.lora_plus_ratio` (LoRA+): B learns at that many times the schedule's rate, A at
+    the rate itself. After AdamW's first step (B starts at 0, so A's gradient is 0 and B's step is
+    lr x sign), B has moved 16 times as far as with the plain optimiser; a base refuses the setting."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(train, "make_renderer", lambda config, domain=None: FakeRenderer())
+    base = TinyBackend.build(make_config("smoke"), spec=MICRO, seed=0)
+    base.save(tmp_path / "base")
+    moved, a_matrices = {}, {}
+    for ratio in (1.0, 16.0):
+        config = make_config("smoke", {"lora.train.max_steps": 1, "lora.train.eval_samples": 2,
+                                       "lora.train.lora_plus_ratio": ratio})
+        train.train_lora(config, tmp_path / "base", "hpe", 0.0, tmp_path / f"r{ratio}", progress=False)
+        weights = load_file(str(tmp_path / f"r{ratio}" / "adapter_model.safetensors"))
+        moved[ratio] = torch.cat([w.abs().flatten() for n, w in weights.items() if "lora_B" in n]).mean()
+        a_matrices[ratio] = {n: w for n, w in weights.items() if "lora_A" in n}
+    assert float(moved[1.0]) > 0 and float(moved[16.0] / moved[1.0]) == pytest.approx(16.0, rel=0.05)
+    assert a_matrices[1.0].keys() == a_matrices[16.0].keys() and a_matrices[1.0]
+    for n, w in a_matrices[1.0].items():  # the same initial A, not moved (its gradient was 0)
+        torch.testing.assert_close(a_matrices[16.0][n], w)
+    with pytest.raises(ValueError, match="base.lora_plus_ratio"):
+        make_config("smoke", {"base.lora_plus_ratio": 4.0})
+
+
 # ------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_smoke_profile_trains_base_and_lora(tmp_path, monkeypatch):
