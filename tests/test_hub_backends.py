@@ -136,7 +136,9 @@ def test_qwen_lora_targets_exactly_the_language_projections_unless_vision_is_ask
     assert _lora_targets(qwen.model, qwen.lora_target_modules()) == sorted(QWEN_LANGUAGE)
     assert _lora_targets(qwen.model, qwen.lora_target_modules(vision=True)) == sorted(QWEN_LANGUAGE + QWEN_VISION)
     assert _lora_targets(qwen.model, qwen.lora_target_modules(language=False, vision=True)) == sorted(QWEN_VISION)
-    with pytest.raises(ValueError, match="language=True or vision=True"):
+    merger = ["model.visual.merger.mlp.0", "model.visual.merger.mlp.2"]
+    assert _lora_targets(qwen.model, qwen.lora_target_modules(projector=True)) == sorted(QWEN_LANGUAGE + merger)
+    with pytest.raises(ValueError, match="language=True, vision=True or projector=True"):
         qwen.lora_target_modules(language=False, vision=False)
 
 
@@ -305,6 +307,8 @@ def test_cogvlm_lora_targets_the_experts_and_never_the_eva_tower():
     assert both == sorted(COG_LANGUAGE + COG_VISION_EXPERTS)
     assert _lora_targets(model, backend.lora_target_modules(language=False, vision=True)) == sorted(COG_VISION_EXPERTS)
     assert not any(n.startswith("model.vision.") for n in both)
+    glu = [f"model.vision.linear_proj.{m}" for m in ("linear_proj", "dense_h_to_4h", "gate_proj", "dense_4h_to_h")]
+    assert _lora_targets(model, backend.lora_target_modules(projector=True)) == sorted(COG_LANGUAGE + glu)
     # why full paths: bare suffixes would also adapt the EVA tower and its GLU adapter
     assert "model.vision.transformer.layers.0.attention.dense" in _lora_targets(model, r".*\.dense")
     assert "model.vision.linear_proj.gate_proj" in _lora_targets(model, r".*\.gate_proj")

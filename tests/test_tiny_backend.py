@@ -283,7 +283,11 @@ def test_lora_targets_language_and_vision_linears(backend):
     vis_hits = [n for n in names if vis.fullmatch(n)]
     assert len(lang_hits) == 7 * MICRO.layers and all(".language_model.layers." in n for n in lang_hits)
     assert len(vis_hits) == 4 * MICRO.vision_depth and all(".visual.blocks." in n for n in vis_hits)
-    assert not any("merger" in n for n in vis_hits)  # the (deepstack) mergers stay frozen
+    assert not any("merger" in n for n in vis_hits)  # the (deepstack) mergers only when asked:
+    proj = re.compile(backend.lora_target_modules(language=False, vision=False, projector=True))
+    proj_hits = [n for n in names if proj.fullmatch(n)]
+    assert sorted(proj_hits) == sorted(f"model.visual.{m}.linear_fc{i}" for i in (1, 2) for m in
+                                       ["merger"] + [f"deepstack_merger_list.{k}" for k in range(len(MICRO.deepstack))])
     assert "lm_head" not in lang_hits + vis_hits
     with pytest.raises(ValueError):
         backend.lora_target_modules(language=False, vision=False)

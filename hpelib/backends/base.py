@@ -77,10 +77,10 @@ class Backend:
         raise NotImplementedError
 
     # ---- LoRA -------------------------------------------------------------------------------
-    def lora_target_modules(self, language: bool = True, vision: bool = True) -> str:
+    def lora_target_modules(self, language: bool = True, vision: bool = True, projector: bool = False) -> str:
         """A regular expression over module names (PEFT `target_modules`) selecting the linear
         layers LoRA adapts: the language model's attention/MLP projections and/or the vision
-        tower's."""
+        tower's, and/or the projector's between them."""
         raise NotImplementedError
 
     @property

@@ -44,6 +44,8 @@ BACKEND_FILE = "hpelib_backend.json"
 _LAYER = r"(?:.*\.)?model\.layers\.\d+\."
 LANGUAGE_RE = _LAYER + r"(?:self_attn\.language_expert_(?:query_key_value|dense)|mlp\.language_mlp\.(?:gate|up|down)_proj)"
 VISION_RE = _LAYER + r"(?:self_attn\.vision_expert_(?:query_key_value|dense)|mlp\.vision_mlp\.(?:gate|up|down)_proj)"
+# the projector (`target_projector`): the GLU adapter between the EVA-CLIP tower and the decoder
+PROJECTOR_RE = r"(?:.*\.)?model\.vision\.linear_proj\.(?:linear_proj|dense_h_to_4h|gate_proj|dense_4h_to_h)"
 
 
 def require_remote_code(trust_remote_code: bool, model_id: str) -> None:
@@ -195,11 +197,13 @@ class CogVLMBackend(Backend):
         return hub.greedy_generate(self, samples, max_new_tokens, image_key="images", eos_id=self.eos_id)
 
     # ---- LoRA -------------------------------------------------------------------------------
-    def lora_target_modules(self, language: bool = True, vision: bool = False) -> str:
+    def lora_target_modules(self, language: bool = True, vision: bool = False, projector: bool = False) -> str:
         """Regex over module names: the language experts of every decoder layer (`language`) and
         the vision experts (`vision`), each attention's `*_expert_query_key_value`/`*_expert_dense`
-        and MLP's `gate/up/down_proj`. Never the EVA-CLIP tower, its GLU adapter or `lm_head`."""
-        return hub.join_regex(([LANGUAGE_RE] if language else []) + ([VISION_RE] if vision else []))
+        and MLP's `gate/up/down_proj`; the GLU adapter's four linears only when asked (`projector`).
+        Never the EVA-CLIP tower or `lm_head`."""
+        return hub.join_regex(([LANGUAGE_RE] if language else []) + ([VISION_RE] if vision else [])
+                              + ([PROJECTOR_RE] if projector else []))
 
     @property
     def dtype(self) -> torch.dtype:

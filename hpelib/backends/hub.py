@@ -140,7 +140,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 def join_regex(parts: list[str]) -> str:
     """One PEFT `target_modules` expression (matched with `re.fullmatch` on full module names)."""
     if not parts:
-        raise ValueError("lora_target_modules needs language=True or vision=True")
+        raise ValueError("lora_target_modules needs language=True, vision=True or projector=True")
     return "|".join(f"(?:{p})" for p in parts)
 
 

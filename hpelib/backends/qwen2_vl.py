@@ -48,6 +48,9 @@ LANGUAGE_RE = (r"(?:.*\.)?(?:language_model|model)\.layers\.\d+\."
 # merger (Qwen3-VL: and its deepstack mergers) stays frozen.
 VISION_RE = (r"(?:.*\.)?visual\.blocks\.\d+\."
              r"(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2|linear_fc1|linear_fc2|gate_proj|up_proj|down_proj))")
+# The projector (`target_projector`): Qwen2-VL's and Qwen2.5-VL's patch merger `visual.merger.mlp.{0,2}` (1 is its GELU),
+# Qwen3-VL's `visual.merger.linear_fc1/2` and its deepstack mergers `visual.deepstack_merger_list.N.linear_fc1/2`.
+PROJECTOR_RE = r"(?:.*\.)?visual\.(?:merger|deepstack_merger_list\.\d+)\.(?:mlp\.[02]|linear_fc1|linear_fc2)"
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -216,11 +219,13 @@ class Qwen2VLBackend(Backend):
         return hub.greedy_generate(self, samples, max_new_tokens, image_key="pixel_values", eos_id=self.end_id)
 
     # ---- LoRA -------------------------------------------------------------------------------
-    def lora_target_modules(self, language: bool = True, vision: bool = False) -> str:
+    def lora_target_modules(self, language: bool = True, vision: bool = False, projector: bool = False) -> str:
         """Regex over module names: the decoder layers' attention and MLP projections (`language`),
-        and only when asked the vision blocks' `attn.qkv`/`attn.proj` and MLP linears (`vision`).
-        Never `lm_head`, the embeddings or the patch merger."""
-        return hub.join_regex(([LANGUAGE_RE] if language else []) + ([VISION_RE] if vision else []))
+        and only when asked the vision blocks' `attn.qkv`/`attn.proj` and MLP linears (`vision`) and
+        the patch merger's linears (`projector`, with Qwen3-VL's deepstack mergers). Never `lm_head`
+        or the embeddings."""
+        return hub.join_regex(([LANGUAGE_RE] if language else []) + ([VISION_RE] if vision else [])
+                              + ([PROJECTOR_RE] if projector else []))
 
     @property
     def dtype(self) -> torch.dtype:

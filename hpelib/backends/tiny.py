@@ -349,12 +349,12 @@ class TinyBackend(Qwen2VLBackend):
         return out
 
     # ---- LoRA -------------------------------------------------------------------------------
-    def lora_target_modules(self, language: bool = True, vision: bool = True) -> str:
+    def lora_target_modules(self, language: bool = True, vision: bool = True, projector: bool = False) -> str:
         """The `qwen2_vl` backend's expressions (vision on by default here, as the `lora` section's
-        `target_vision`): the decoder layers' attention and MLP projections, and the vision blocks'
-        `attn.qkv`/`attn.proj`/`mlp.linear_fc1|2`. Never `lm_head`, the embeddings, the patch
-        embedding or the (deepstack) mergers."""
-        return super().lora_target_modules(language, vision)
+        `target_vision`): the decoder layers' attention and MLP projections, the vision blocks'
+        `attn.qkv`/`attn.proj`/`mlp.linear_fc1|2`, and when asked the merger and deepstack mergers'
+        `linear_fc1|2` (`projector`). Never `lm_head`, the embeddings or the patch embedding."""
+        return super().lora_target_modules(language, vision, projector)
 
 
 def _load_with_stem(path: Path, spec: TinySpec, device: torch.device) -> Qwen3VLForConditionalGeneration:
