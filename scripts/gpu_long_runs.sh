@@ -8,6 +8,7 @@
 #   g_full_dc1      every weight of DC1's base, lr 5e-4
 # SET=sweep STEPS=400: three 400-step adapters on DC1's base (learning rate, rank) instead.
 # SET=fast STEPS=900 (G3): seven adapters with the cheaper step (see the SET=fast branch below).
+# SET=eff STEPS=900 (G4): eight such adapters, for what learns more pose in the same steps (below).
 # Carried: the two bases' model folders, data/assets/menpo3d, and (the device tool's notes) .gl and .whl.
 # Writes $OUT/results.tgz (each run's history, metrics and adapter) and $OUT/log.txt.
 set -u
@@ -80,6 +81,29 @@ elif [ "${SET}" = sweep ]; then  # SET=sweep STEPS=400: what an adapter of the C
     job g_s_lr5 $DC1
     job g_s_lr10 $DC1 --set-more lora.train.lr=1e-2
     job g_s_lr10_r32 $DC1 --set-more lora.train.lr=1e-2 lora.rank=32 lora.alpha=64
+elif [ "${SET}" = eff ]; then  # SET=eff STEPS=900 (G4): more pose per step? The default adapter (G3's lr 1e-2
+    # recipe) twice (seeds 0, 1: the noise), soft angle targets (sigma 3, 6 deg), LoRA+ (B's rate x4; x16 at
+    # a quarter of the rate), LoRA on the projector (the mergers), and the three together
+    fast=(lora.target_vision=false lora.dropout=0 lora.train.autocast_bf16=true lora.train.eval_every=300
+          lora.train.lr=1e-2)
+    job g4_ref $DC1 --set-more "${fast[@]}"
+    job g4_ref_s1 $DC1 --set-more "${fast[@]}" lora.train.seed=1
+    job g4_sig3 $DC1 --set-more "${fast[@]}" lora.train.angle_sigma=3
+    job g4_sig6 $DC1 --set-more "${fast[@]}" lora.train.angle_sigma=6
+    job g4_plus4 $DC1 --set-more "${fast[@]}" lora.train.lora_plus_ratio=4
+    job g4_plus16 $DC1 --set-more "${fast[@]}" lora.train.lora_plus_ratio=16 lora.train.lr=2.5e-3
+    job g4_proj $DC1 --set-more "${fast[@]}" lora.target_projector=true
+    job g4_all $DC1 --set-more "${fast[@]}" lora.target_projector=true lora.train.angle_sigma=3 \
+        lora.train.lora_plus_ratio=4
+elif [ "${SET}" = eff2 ]; then  # SET=eff2 STEPS=900 (G4, second batch): G4's two best, sigma 6 and the
+    # projector, with another seed, and the two together with both seeds
+    fast=(lora.target_vision=false lora.dropout=0 lora.train.autocast_bf16=true lora.train.eval_every=300
+          lora.train.lr=1e-2)
+    job g5_sig6_s1 $DC1 --set-more "${fast[@]}" lora.train.angle_sigma=6 lora.train.seed=1
+    job g5_proj_s1 $DC1 --set-more "${fast[@]}" lora.target_projector=true lora.train.seed=1
+    job g5_projsig6 $DC1 --set-more "${fast[@]}" lora.target_projector=true lora.train.angle_sigma=6
+    job g5_projsig6_s1 $DC1 --set-more "${fast[@]}" lora.target_projector=true lora.train.angle_sigma=6 \
+        lora.train.seed=1
 else  # SET=fast STEPS=900 (G3): the cheaper step (language model only, no LoRA dropout, bf16 autocast)
     # at the step count an 8-min CPU adapter reaches with it; the learning rate, rank, vision targets,
     # fp32 and a half batch beside it
