@@ -45,11 +45,12 @@ END_OF_TURN = "<|im_end|>"
 LANGUAGE_RE = (r"(?:.*\.)?(?:language_model|model)\.layers\.\d+\."
                r"(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)")
 # Qwen2-VL vision MLP: fc1/fc2; Qwen2.5-VL: gate/up/down_proj; Qwen3-VL: linear_fc1/2. The patch
-# merger (Qwen3-VL: and its deepstack mergers) stays frozen.
+# merger (Qwen3-VL: and its deepstack mergers) is not a vision block: PROJECTOR_RE below.
 VISION_RE = (r"(?:.*\.)?visual\.blocks\.\d+\."
              r"(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2|linear_fc1|linear_fc2|gate_proj|up_proj|down_proj))")
-# The projector (`target_projector`): Qwen2-VL's and Qwen2.5-VL's patch merger `visual.merger.mlp.{0,2}` (1 is its GELU),
-# Qwen3-VL's `visual.merger.linear_fc1/2` and its deepstack mergers `visual.deepstack_merger_list.N.linear_fc1/2`.
+# The projector (`target_projector`): Qwen2-VL's and Qwen2.5-VL's patch merger `visual.merger.mlp.{0,2}`
+# (1 is its GELU), Qwen3-VL's `visual.merger.linear_fc1/2` and its deepstack mergers
+# `visual.deepstack_merger_list.N.linear_fc1/2`.
 PROJECTOR_RE = r"(?:.*\.)?visual\.(?:merger|deepstack_merger_list\.\d+)\.(?:mlp\.[02]|linear_fc1|linear_fc2)"
 
 
