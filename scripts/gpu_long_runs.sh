@@ -73,6 +73,8 @@ job() {  # job NAME BASE_DIR [tiny_experiment.py arguments ...] [--set-more k=v 
         > "${OUT:-/tmp}/$name.log" 2>&1 &
     jobs_+=($!)
 }
+# the cheaper step (G3 onwards): language model only, no LoRA dropout, bf16 autocast
+fast=(lora.target_vision=false lora.dropout=0 lora.train.autocast_bf16=true lora.train.eval_every=300)
 if [ "${SET:-long}" = long ]; then
     job g_lora_dc1 $DC1
     job g_lora_default data/cache/base-cf8ff0410dca/model
@@ -84,8 +86,7 @@ elif [ "${SET}" = sweep ]; then  # SET=sweep STEPS=400: what an adapter of the C
 elif [ "${SET}" = eff ]; then  # SET=eff STEPS=900 (G4): more pose per step? The default adapter (G3's lr 1e-2
     # recipe) twice (seeds 0, 1: the noise), soft angle targets (sigma 3, 6 deg), LoRA+ (B's rate x4; x16 at
     # a quarter of the rate), LoRA on the projector (the mergers), and the three together
-    fast=(lora.target_vision=false lora.dropout=0 lora.train.autocast_bf16=true lora.train.eval_every=300
-          lora.train.lr=1e-2)
+    fast+=(lora.train.lr=1e-2)
     job g4_ref $DC1 --set-more "${fast[@]}"
     job g4_ref_s1 $DC1 --set-more "${fast[@]}" lora.train.seed=1
     job g4_sig3 $DC1 --set-more "${fast[@]}" lora.train.angle_sigma=3
@@ -97,8 +98,7 @@ elif [ "${SET}" = eff ]; then  # SET=eff STEPS=900 (G4): more pose per step? The
         lora.train.lora_plus_ratio=4
 elif [ "${SET}" = eff2 ]; then  # SET=eff2 STEPS=900 (G4, second batch): G4's two best, sigma 6 and the
     # projector, with another seed, and the two together with both seeds
-    fast=(lora.target_vision=false lora.dropout=0 lora.train.autocast_bf16=true lora.train.eval_every=300
-          lora.train.lr=1e-2)
+    fast+=(lora.train.lr=1e-2)
     job g5_sig6_s1 $DC1 --set-more "${fast[@]}" lora.train.angle_sigma=6 lora.train.seed=1
     job g5_proj_s1 $DC1 --set-more "${fast[@]}" lora.target_projector=true lora.train.seed=1
     job g5_projsig6 $DC1 --set-more "${fast[@]}" lora.target_projector=true lora.train.angle_sigma=6
@@ -107,7 +107,6 @@ elif [ "${SET}" = eff2 ]; then  # SET=eff2 STEPS=900 (G4, second batch): G4's tw
 else  # SET=fast STEPS=900 (G3): the cheaper step (language model only, no LoRA dropout, bf16 autocast)
     # at the step count an 8-min CPU adapter reaches with it; the learning rate, rank, vision targets,
     # fp32 and a half batch beside it
-    fast=(lora.target_vision=false lora.dropout=0 lora.train.autocast_bf16=true lora.train.eval_every=300)
     job g3_lr10 $DC1 --set-more "${fast[@]}" lora.train.lr=1e-2
     job g3_lr5 $DC1 --set-more "${fast[@]}" lora.train.lr=5e-3
     job g3_lr20 $DC1 --set-more "${fast[@]}" lora.train.lr=2e-2
