@@ -16,7 +16,8 @@ import torch
 
 from hpelib import prompts
 from hpelib.backends import Sample, get_backend_class
-from hpelib.backends.tiny import BACKEND_FILE, ConvStem, PatchProjection, TinyBackend, TinySpec, build_tokenizer, \
+from hpelib.backends.tiny import BACKEND_FILE, ConvStem, PatchProjection, TinyBackend, TinySpec, UniformVisionAttention, \
+    build_tokenizer, \
     describe
 from hpelib.config import make_config
 from hpelib.data import tasks
@@ -194,6 +195,52 @@ def test_patch_projection_is_the_convolution_computed_as_a_matrix_product(backen
     assert same(torch.randn(1, 3, 4, 16, 16)).shape == (1, 16, 2, 2, 2)  # a larger input: the plain convolution
     with pytest.raises(ValueError, match="stride == kernel"):
         PatchProjection.replace(torch.nn.Conv3d(3, 16, kernel_size=3, stride=1))
+
+
+def test_the_faster_attention_gives_the_stock_models_logits_and_gradients(backend, tmp_path):
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention
+
+    model = backend.model
+    blocks = model.model.visual.blocks
+    assert all(type(b.attn) is UniformVisionAttention for b in blocks)  # swapped in, built or loaded
+    loaded = TinyBackend.load(backend.save(tmp_path / "tiny")).model
+    assert all(type(b.attn) is UniformVisionAttention for b in loaded.model.visual.blocks)
+    assert loaded.config.text_config._attn_implementation == "eager"
+    batch = backend.collate([backend.encode(s) for s in random_samples(4)])
+    with torch.no_grad():  # attention that matters: at init the tower's outputs barely depend on it
+        for b in blocks:
+            b.attn.qkv.weight.normal_(0.0, 1.0)
+
+    def outputs_and_grads():
+        model.zero_grad()
+        tower = model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).last_hidden_state
+        out = model(**batch)
+        out.loss.backward()
+        return tower.detach(), out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    model.train()
+    fast_tower, fast, fast_grads = outputs_and_grads()
+    for b in blocks:
+        b.attn.__class__ = Qwen3VLVisionAttention
+    model.set_attn_implementation({"text_config": "sdpa"})
+    stock_tower, stock, stock_grads = outputs_and_grads()
+    model.eval()
+    torch.testing.assert_close(fast_tower, stock_tower)
+    torch.testing.assert_close(fast, stock, atol=1e-5, rtol=1e-4)
+    assert len(fast_grads) == len(stock_grads) == len(list(model.parameters()))
+    for got, want in zip(fast_grads, stock_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-3)
+    # images of different sizes in one packed sequence take the stock per-image path (`attn` is the stock
+    # class again here)
+    attn = blocks[0].attn
+    x = torch.randn(10, attn.qkv.in_features)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    rot = torch.randn(10, attn.head_dim // 2)
+    pos = (torch.cat([rot, rot], -1).cos(), torch.cat([rot, rot], -1).sin())
+    want = attn(x, cu, pos)
+    torch.testing.assert_close(UniformVisionAttention.replace(attn)(x, cu, pos), want)
+    with pytest.raises(ValueError, match="Qwen3VLVisionAttention"):
+        UniformVisionAttention.replace(torch.nn.Linear(2, 2))
 
 
 def patches_of(backend, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
