@@ -141,6 +141,8 @@ class TrainConfig:
     angle_sigma: float = 0.0  # > 0: an angle token's target spreads over its neighbours, a Gaussian of this
     # many degrees (hpelib.soft_targets); 0: the model's own one-hot cross-entropy. Whole-number tokenizers only
     box_sigma: float = 0.0  # the same for box values, in units of the 0-999 grid
+    angle_weight: float = 1.0  # each angle's token (after ` yaw:` ` pitch:` ` roll:` ` tilt:`) counts this many
+    # times another labelled token in the loss (a weighted mean); whole-number tokenizers only
     vision_minutes: float = 0.0  # base only: > 0 first trains the vision tower this long with a temporary
     # regression head on pose-free targets (hpelib.vision_pretrain), then `minutes` of the curriculum
     vision_targets: str = "boxes"  # what that temporary head predicts: "boxes" (V1: the head's, the face
@@ -173,6 +175,7 @@ class TrainConfig:
             _positive_int(name, getattr(self, name))
         _positive("lr", self.lr)
         _positive("lora_plus_ratio", self.lora_plus_ratio)
+        _positive("angle_weight", self.angle_weight)
         _non_negative_int("warmup_steps", self.warmup_steps)
         _check(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0, "weight_decay",
                self.weight_decay, "a number >= 0")

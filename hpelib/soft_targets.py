@@ -16,6 +16,10 @@ Two kinds of numbers, told apart by the token before them in the label sequence:
 Every other labelled token keeps its one-hot target. With both sigmas 0 the loss is the model's own
 cross-entropy.
 
+`angle_weight` (`train.angle_weight`) weighs each angle's token that many times the other labelled
+tokens (a weighted mean): a head-pose answer has 16 labelled tokens, 3 of them angles, and its box
+values, whose uncertainty stays, carry as much of the loss as the angles do.
+
 Only tokenizers with whole-number tokens can use this: a digit-per-token tokenizer (the hub
 models) has no token for 41, and `NumberTargets.from_tokenizer` raises.
 """
@@ -61,6 +65,7 @@ class NumberTargets:
         angle_index / box_index: vocabulary id -> position in angle_ids / box_ids (-1: not of the kind).
         angle_kernel / box_kernel: row j is the target distribution over the kind's tokens when the
             label is the kind's j-th token (None when that sigma is 0).
+        angle_weight: the weight of an angle's token in the mean over labelled tokens (others: 1).
     """
 
     field_ids: torch.Tensor
@@ -71,17 +76,20 @@ class NumberTargets:
     box_index: torch.Tensor
     angle_kernel: torch.Tensor | None
     box_kernel: torch.Tensor | None
+    angle_weight: float = 1.0
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, angle_sigma: float, box_sigma: float) -> "NumberTargets":
-        """Tables for `tokenizer`; `angle_sigma` in degrees, `box_sigma` in grid units (0: one-hot)."""
+    def from_tokenizer(cls, tokenizer, angle_sigma: float, box_sigma: float,
+                       angle_weight: float = 1.0) -> "NumberTargets":
+        """Tables for `tokenizer`; `angle_sigma` in degrees, `box_sigma` in grid units (0: one-hot),
+        `angle_weight` the angle tokens' weight in the loss (1: as every other token)."""
         vocab = tokenizer.get_vocab()
         angles, boxes = number_tokens_by_kind(vocab)
-        if (angle_sigma > 0 and len(angles) < 361) or (box_sigma > 0 and len(boxes) < 1000):
+        if ((angle_sigma > 0 or angle_weight != 1) and len(angles) < 361) or (box_sigma > 0 and len(boxes) < 1000):
             raise ValueError(
-                f"angle_sigma/box_sigma > 0 need a tokenizer with one token per number (-180..180 and "
-                f"000..999); this one has {len(angles)} angle and {len(boxes)} box-value tokens. "
-                f"Set them to 0 for this backend.")
+                f"angle_sigma/box_sigma > 0 and angle_weight != 1 need a tokenizer with one token per number "
+                f"(-180..180 and 000..999); this one has {len(angles)} angle and {len(boxes)} box-value tokens. "
+                f"Set them to 0 (the weight to 1) for this backend.")
         fields = [vocab[t] for name in ANGLE_FIELDS for t in (f" {name}:", f"{name}:") if t in vocab]
         opens = [vocab[t] for t in ("[[", ",") if t in vocab]
         size = max(vocab.values()) + 1
@@ -97,10 +105,12 @@ class NumberTargets:
             box_ids=torch.tensor([i for _, i in boxes], dtype=torch.long),
             angle_index=index(angles), box_index=index(boxes),
             angle_kernel=_kernel(torch.tensor([v for v, _ in angles]), angle_sigma) if angle_sigma > 0 else None,
-            box_kernel=_kernel(torch.tensor([v for v, _ in boxes]), box_sigma) if box_sigma > 0 else None)
+            box_kernel=_kernel(torch.tensor([v for v, _ in boxes]), box_sigma) if box_sigma > 0 else None,
+            angle_weight=float(angle_weight))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean over labelled tokens of the cross-entropy against the soft targets.
+        """Mean over labelled tokens of the cross-entropy against the soft targets (angle tokens
+        weighted `angle_weight` times).
 
         Args:
             logits: `(B, L, V)`, the model's output for `input_ids`.
@@ -122,14 +132,18 @@ class NumberTargets:
         log_p = F.log_softmax(logits.float(), dim=-1)  # (N, V)
         target, before = labels[:, 1:][keep], labels[:, :-1][keep]
         per_token = -log_p.gather(1, target[:, None]).squeeze(1)
-        for kernel, ids, index, opens in ((self.angle_kernel, self.angle_ids, self.angle_index, self.field_ids),
-                                          (self.box_kernel, self.box_ids, self.box_index, self.box_open_ids)):
-            if kernel is None:
+        weight = torch.ones_like(per_token)
+        for kernel, ids, index, opens, kind_weight in (
+                (self.angle_kernel, self.angle_ids, self.angle_index, self.field_ids, self.angle_weight),
+                (self.box_kernel, self.box_ids, self.box_index, self.box_open_ids, 1.0)):
+            if kernel is None and kind_weight == 1:
                 continue
             index, ids = index.to(target.device), ids.to(target.device)
             j = index[target.clamp(min=0, max=len(index) - 1)]
-            soft = (j >= 0) & torch.isin(before, opens.to(target.device))
-            if soft.any():
-                weights = kernel.to(log_p.device)[j[soft]]  # (n, K)
-                per_token[soft] = -(weights * log_p[soft][:, ids]).sum(dim=1)
-        return per_token.mean()
+            at = (j >= 0) & torch.isin(before, opens.to(target.device))  # this kind's number tokens
+            weight[at] = kind_weight
+            if kernel is not None and at.any():
+                per_token[at] = -(kernel.to(log_p.device)[j[at]] * log_p[at][:, ids]).sum(dim=1)
+        if self.angle_weight == 1:
+            return per_token.mean()
+        return (per_token * weight).sum() / weight.sum()

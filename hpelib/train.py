@@ -272,10 +272,10 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
         state = load_checkpoint(ckpt, model, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     soft = None
-    if train.angle_sigma > 0 or train.box_sigma > 0:
+    if train.angle_sigma > 0 or train.box_sigma > 0 or train.angle_weight != 1:
         from hpelib.soft_targets import NumberTargets
 
-        soft = NumberTargets.from_tokenizer(backend.tokenizer, train.angle_sigma, train.box_sigma)
+        soft = NumberTargets.from_tokenizer(backend.tokenizer, train.angle_sigma, train.box_sigma, train.angle_weight)
     # the vision stage's job (hpelib.vision_pretrain) is no Backend: its loss is its own head's
     answer_only = bool(getattr(backend, "answer_logits_only", False))
     is_main = accelerator.is_main_process
@@ -511,6 +511,8 @@ def base_key(config: Config) -> str:
     for name in ADDED_BASE_FIELDS:  # fields added after bases were cached: in the key only when set
         if not base[name]:
             del base[name]
+    if base["angle_weight"] == 1:  # likewise, 1 being unset
+        del base["angle_weight"]
     if base["vision_targets"] == "boxes":  # likewise: V1's targets were the only ones
         del base["vision_targets"]
     model = dataclasses.asdict(config.model)

@@ -111,3 +111,46 @@ def test_the_soft_loss_from_the_answers_logits_alone_is_the_full_ones(backend):
     expected = soft.loss(backend.model(**full).logits, labels)
     torch.testing.assert_close(train.answer_loss(backend.model, batch, soft), expected)
     assert not torch.allclose(train.answer_loss(backend.model, batch), expected)  # the soft targets did count
+
+
+def test_angle_tokens_weigh_angle_weight_times_the_other_labelled_tokens(backend):
+    """The loss is a weighted mean: each angle's token (after ` yaw:` ...) counts `angle_weight` times,
+    the box values, brackets and field names once; an answer without angles keeps its mean."""
+    tok = backend.tokenizer
+    answer = prompts.format_hpe((0.1, 0.2, 0.5, 0.6), -12, 5, 0)
+    labels = answer_labels(tok, answer)
+    logits = torch.randn(1, labels.shape[1], len(tok.get_vocab()), generator=torch.Generator().manual_seed(1))
+    per_token = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="none")
+    tokens = tok.convert_ids_to_tokens(labels[0, 1:].tolist())
+    fields = {f" {name}:" for name in ("yaw", "pitch", "roll")}
+    is_angle = torch.tensor([i > 0 and tokens[i - 1] in fields for i in range(len(tokens))])
+    assert [t for t, a in zip(tokens, is_angle) if a] == ["-12", "5", "0"]
+    weight = 1 + 2 * is_angle.float()
+    expected = (per_token * weight).sum() / weight.sum()
+    got = NumberTargets.from_tokenizer(tok, 0, 0, angle_weight=3.0).loss(logits, labels)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, per_token.mean())
+    box = answer_labels(tok, prompts.format_box((0.1, 0.2, 0.5, 0.6)))
+    box_logits = torch.randn(1, box.shape[1], len(tok.get_vocab()), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(NumberTargets.from_tokenizer(tok, 0, 0, angle_weight=3.0).loss(box_logits, box),
+                               NumberTargets.from_tokenizer(tok, 0, 0).loss(box_logits, box))
+
+
+def test_an_angle_weight_is_refused_where_it_cannot_apply():
+    class Digits:
+        def get_vocab(self):
+            return {str(i): i for i in range(10)} | {"-": 10, " yaw:": 11}
+
+    with pytest.raises(ValueError, match="angle_weight"):
+        NumberTargets.from_tokenizer(Digits(), 0, 0, angle_weight=2.0)
+    for bad in (0, -1.0, True):
+        with pytest.raises(ValueError, match="angle_weight"):
+            TrainConfig(angle_weight=bad)
+
+
+def test_an_angle_weight_is_a_new_base_and_leaves_cached_bases_keys_alone():
+    from hpelib import train
+    from hpelib.config import make_config
+
+    assert train.base_key(make_config("default", {"base.angle_weight": 1.0})) == "96289dffbd1e"
+    assert train.base_key(make_config("default", {"base.angle_weight": 2.0})) != "96289dffbd1e"
