@@ -17,8 +17,7 @@ import torch
 from hpelib import prompts
 from hpelib.backends import Sample, get_backend_class
 from hpelib.backends.tiny import BACKEND_FILE, ConvStem, PatchProjection, TinyBackend, TinySpec, UniformVisionAttention, \
-    build_tokenizer, \
-    describe
+    build_tokenizer, describe
 from hpelib.config import make_config
 from hpelib.data import tasks
 

@@ -22,8 +22,9 @@ one matrix product (`PatchProjection`: the same weights and outputs; the convolu
 ~90 ms of a ~0.7 s base training step in a profile). For the same reason the language model's
 attention is transformers' `eager` one (its 50-token sequences: PyTorch's CPU flash-attention backward
 took a fifth of an adapter step), and the tower's attends over all images of a batch at once
-(`UniformVisionAttention`: the stock class loops over the images, 32 small calls per block). `TinySpec.stem = "conv"` adds a small CNN over the
-whole image to the patch embedding (`ConvStem`, an experiment option, off by default: it did not help).
+(`UniformVisionAttention`: the stock class loops over the images, 32 small calls per block).
+`TinySpec.stem = "conv"` adds a small CNN over the whole image to the patch embedding (`ConvStem`;
+the default profile's base has it).
 
 Everything else (encoding with the loss on answer tokens only, collation, batched greedy
 generation) is the `qwen2_vl` backend's code: the embedded model and the hub models share one path.
@@ -425,7 +426,7 @@ class UniformVisionAttention(Qwen3VLVisionAttention):
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 max_seqlen: int | None = None, **kwargs) -> torch.Tensor:
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        if position_embeddings is None or self.training and self.attention_dropout > 0 \
+        if position_embeddings is None or (self.training and self.attention_dropout > 0) \
                 or not bool((lengths == lengths[0]).all()):
             return super().forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
         total, images, length = hidden_states.shape[0], len(lengths), int(lengths[0])
