@@ -489,7 +489,9 @@ def make_renderer(config: Config, domain: str | None = None):
     return SceneRenderer(domain or config.data.train_domain, config.data.image_size)
 
 
-ADDED_BASE_FIELDS = ("angle_sigma", "box_sigma", "vision_minutes", "freeze_vision", "autocast_bf16")
+# base fields added after bases were cached -> their unset value, at which they stay out of the key
+ADDED_BASE_FIELDS = {"angle_sigma": 0, "box_sigma": 0, "vision_minutes": 0, "freeze_vision": False,
+                     "autocast_bf16": False, "angle_weight": 1}
 
 
 def base_key(config: Config) -> str:
@@ -508,11 +510,9 @@ def base_key(config: Config) -> str:
     base = dataclasses.asdict(config.base)
     del base["prefetch"], base["prefetch_workers"]  # how the batches are made, not which: the same base either way
     del base["lora_plus_ratio"]  # always 1 for a base (Config checks it): no LoRA there
-    for name in ADDED_BASE_FIELDS:  # fields added after bases were cached: in the key only when set
-        if not base[name]:
+    for name, unset in ADDED_BASE_FIELDS.items():  # fields added after bases were cached: in the key only when set
+        if base[name] == unset:
             del base[name]
-    if base["angle_weight"] == 1:  # likewise, 1 being unset
-        del base["angle_weight"]
     if base["vision_targets"] == "boxes":  # likewise: V1's targets were the only ones
         del base["vision_targets"]
     model = dataclasses.asdict(config.model)
