@@ -17,8 +17,9 @@ Every other labelled token keeps its one-hot target. With both sigmas 0 the loss
 cross-entropy.
 
 `angle_weight` (`train.angle_weight`) weighs each angle's token that many times the other labelled
-tokens (a weighted mean): a head-pose answer has 16 labelled tokens, 3 of them angles, and its box
-values, whose uncertainty stays, carry as much of the loss as the angles do.
+tokens (a weighted mean): a head-pose answer has 16 labelled tokens, 3 of them angles; in an 8-minute
+tiny adapter they carried 40 % of the loss, the 4 box values 29 %, the field names 31 %
+(docs/tiny_backend.md, "Attention that costs less").
 
 Only tokenizers with whole-number tokens can use this: a digit-per-token tokenizer (the hub
 models) has no token for 41, and `NumberTargets.from_tokenizer` raises.
