@@ -381,7 +381,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # (docs/tiny_backend.md, "A step twice as cheap"): DC1's base, a conv-stem tower pre-trained on
     # dense pose-free targets and then frozen, circular angle rows (~20 min, then cached; the same
     # base key as `pose`), and adapters with the cheaper step: LoRA on the language model and the
-    # projector, not the tower, no LoRA dropout, bf16 autocast (~1000 steps in 8 min, side by
+    # projector, not the tower, no LoRA dropout, bf16 autocast (~1100-1200 steps in 8 min, side by
     # side on one core each), with soft angle targets (sigma 6 deg) weighted 3x, lr 7e-3.
     "default": {
         **DC1_BASE,

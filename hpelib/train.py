@@ -271,11 +271,12 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
-    soft = None
+    targets = None  # soft number targets and/or weighted angle tokens; None: the model's own loss
     if train.angle_sigma > 0 or train.box_sigma > 0 or train.angle_weight != 1:
         from hpelib.soft_targets import NumberTargets
 
-        soft = NumberTargets.from_tokenizer(backend.tokenizer, train.angle_sigma, train.box_sigma, train.angle_weight)
+        targets = NumberTargets.from_tokenizer(backend.tokenizer, train.angle_sigma, train.box_sigma,
+                                               train.angle_weight)
     # the vision stage's job (hpelib.vision_pretrain) is no Backend: its loss is its own head's
     answer_only = bool(getattr(backend, "answer_logits_only", False))
     is_main = accelerator.is_main_process
@@ -321,12 +322,12 @@ def fit(backend: Backend, stream: tasks.SampleStream, eval_samples: Sequence[Sam
                 with accelerator.accumulate(model):
                     with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=train.autocast_bf16):
                         if answer_only:
-                            loss = answer_loss(model, batch, soft)
-                        elif soft is None:
+                            loss = answer_loss(model, batch, targets)
+                        elif targets is None:
                             loss = model(**batch).loss
                         else:
                             labels = batch.pop("labels")
-                            loss = soft.loss(model(**batch).logits, labels)
+                            loss = targets.loss(model(**batch).logits, labels)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
@@ -389,7 +390,8 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], soft=Non
     projection only at the positions whose next token is labelled: the answer's, about a third of a
     tiny LoRA batch's positions. 13 % of a tiny adapter's step (docs/tiny_backend.md, "A step twice as
     cheap"). Needs a forward that takes a boolean `logits_to_keep` mask (`Backend.answer_logits_only`).
-    With `soft` (`soft_targets.NumberTargets`), its soft-target loss instead of the cross-entropy."""
+    With `soft` (`soft_targets.NumberTargets`), its loss instead (soft number targets, weighted angle
+    tokens)."""
     batch = dict(batch)
     labels = batch.pop("labels")
     keep = torch.zeros_like(labels, dtype=torch.bool)
