@@ -158,6 +158,9 @@ class TrainConfig:
     autocast_bf16: bool = False  # forward passes under torch.autocast in bfloat16 (weights and optimiser stay
     # float32): CPUs with AVX512-BF16 or AMX, and GPUs. The tiny VLM's LoRA step on one core: 0.60 -> 0.51 s,
     # language-only 0.51 -> 0.32 (docs/tiny_backend.md, "A step twice as cheap"). Held-out checks run unchanged
+    object_pose: float = 0.0  # base only: > 0 adds cube poses in the head-pose answer's words (`Locate the red
+    # cube and give its pose.` -> `[[box]] yaw:.. pitch:.. roll:..`) to the curriculum at this weight beside
+    # tasks.BASE_MIX's (which sum to 1): a base that has written ` yaw:` ` pitch:` ` roll:`, never a head's angle
     lora_plus_ratio: float = 1.0  # LoRA only: LoRA's B matrices learn at this many times `lr` (LoRA+, Hayou
     # et al. 2024: B's best step is larger than A's); 1: one learning rate for both, plain LoRA
 
@@ -176,6 +179,8 @@ class TrainConfig:
         _positive("lr", self.lr)
         _positive("lora_plus_ratio", self.lora_plus_ratio)
         _positive("angle_weight", self.angle_weight)
+        _check(isinstance(self.object_pose, (int, float)) and not isinstance(self.object_pose, bool)
+               and self.object_pose >= 0, "object_pose", self.object_pose, "a number >= 0 (0: no cube poses)")
         _non_negative_int("warmup_steps", self.warmup_steps)
         _check(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0, "weight_decay",
                self.weight_decay, "a number >= 0")
@@ -337,6 +342,9 @@ class Config:
         _one_of("profile", self.profile, tuple(PROFILES))
         _check(self.base.lora_plus_ratio == 1, "base.lora_plus_ratio", self.base.lora_plus_ratio,
                "1: a base trains every weight, it has no LoRA B matrices (lora.train.lora_plus_ratio)")
+        _check(self.lora.train.object_pose == 0, "lora.train.object_pose", self.lora.train.object_pose,
+               "0: it weighs a task of the base curriculum (base.object_pose); an adapter's mix is set by "
+               "its rehearsal ratio")
         _non_negative_int("seed", self.seed)
         _check(self.angle_decimals in (0, 1, 2), "angle_decimals", self.angle_decimals, "0, 1 or 2")
 

@@ -80,6 +80,14 @@ def grounding_prompt(target: str) -> str:
     return f"Where is the {target.strip()}?"
 
 
+def pose_prompt(target: str) -> str:
+    """The question that asks for a box and a pose in one answer; `pose_prompt(HEAD) == HPE_PROMPT`.
+    Any other target is the base curriculum's rigid-object pose (`tasks.task_pose_object`)."""
+    if not isinstance(target, str) or not target.strip():
+        raise ValueError(f"target must be a non-empty string, got {target!r}")
+    return f"Locate the {target.strip()} and give its pose."
+
+
 def format_box(box: Sequence[float]) -> str:
     """A box as CogVLM grounding text.
 

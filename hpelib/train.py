@@ -66,7 +66,8 @@ BASE_VERSION = 2  # bump when base training code changes what a cached base is (
 # the base's held-out tasks (heads and objects separately) and the LoRA stage's
 BASE_EVAL_TASKS = ("box_head", "box_object")
 LORA_EVAL_TASKS = ("hpe", "box_head", "box_object")
-BOX_TASKS = ("hpe", "box", "box_head", "box_object", "box_part")  # answers that carry a box: scored by IoU
+BOX_TASKS = ("hpe", "pose_object", "box", "box_head", "box_object", "box_part")  # answers that carry a box: by IoU
+POSE_TASKS = ("hpe", "pose_object")  # answers in the head-pose grammar: a box and three angles
 
 
 # ------------------------------------------------------------------------------------ schedule
@@ -91,7 +92,7 @@ def score_answers(samples: Sequence[Sample], answers: Sequence[str]) -> pd.DataF
     `err_pitch`, `err_roll` (wrap-aware absolute errors; NaN where the answer is not valid)."""
     rows = []
     for s, a in zip(samples, answers):
-        task = "hpe" if s.task == "hpe" else "box" if s.task == "box" else None
+        task = "hpe" if s.task in POSE_TASKS else "box" if s.task == "box" else None
         r = prompts.parse_response(a, task=task)
         name = f"box_{s.meta['target_kind']}" if s.task == "box" and s.meta.get("target_kind") else s.task
         row = {"task": name, "target_kind": s.meta.get("target_kind", "head" if s.task == "hpe" else ""),
@@ -109,16 +110,16 @@ def score_answers(samples: Sequence[Sample], answers: Sequence[str]) -> pd.DataF
 
 def summarize(table: pd.DataFrame) -> dict[str, float]:
     """Held-out metrics from `score_answers`: per task `valid_rate`, `acc50` (boxes; an invalid
-    answer is a miss) and for `hpe` the MAE per angle and `mae_mean` (valid answers)."""
+    answer is a miss) and for `hpe` and `pose_object` the MAE per angle and `mae_mean` (valid answers)."""
     out: dict[str, float] = {}
     for task, g in table.groupby("task"):
         out[f"{task}/valid_rate"] = float(g["valid"].mean())
         if task in BOX_TASKS:
             out[f"{task}/acc50"] = float((g["iou"].fillna(0.0) >= 0.5).mean())
-        if task == "hpe":
+        if task in POSE_TASKS:
             for k in ("yaw", "pitch", "roll"):
-                out[f"hpe/mae_{k}"] = float(g[f"err_{k}"].mean())
-            out["hpe/mae_mean"] = float(np.mean([out[f"hpe/mae_{k}"] for k in ("yaw", "pitch", "roll")]))
+                out[f"{task}/mae_{k}"] = float(g[f"err_{k}"].mean())
+            out[f"{task}/mae_mean"] = float(np.mean([out[f"{task}/mae_{k}"] for k in ("yaw", "pitch", "roll")]))
         if task not in BOX_TASKS:
             out[f"{task}/exact"] = float(g["valid"].mean())
     out["valid_rate"] = float(table["valid"].mean()) if len(table) else float("nan")
@@ -493,7 +494,7 @@ def make_renderer(config: Config, domain: str | None = None):
 
 # base fields added after bases were cached -> their unset value, at which they stay out of the key
 ADDED_BASE_FIELDS = {"angle_sigma": 0, "box_sigma": 0, "vision_minutes": 0, "freeze_vision": False,
-                     "autocast_bf16": False, "angle_weight": 1}
+                     "autocast_bf16": False, "angle_weight": 1, "object_pose": 0}
 
 
 def base_key(config: Config) -> str:
@@ -532,11 +533,28 @@ def base_cache_dir(config: Config) -> Path:
     return paths.cache_dir() / f"base-{base_key(config)}"
 
 
-def base_eval_set(config: Config, n: int | None = None) -> list[Sample]:
-    """Held-out grounding samples (heads and objects) of the training domain."""
-    names = BASE_EVAL_TASKS + (("box_part",) if tasks.BASE_MIX.get("box_part") else ())
+def base_eval_set(config: Config, n: int | None = None, object_pose: bool = True) -> list[Sample]:
+    """Held-out grounding samples (heads and objects) of the training domain, and, when the
+    curriculum has them (`base.object_pose`) and `object_pose` is true, cube poses (`pose_object`)."""
+    mix = tasks.base_mix(config.base.object_pose)
+    names = BASE_EVAL_TASKS + tuple(t for t in ("box_part", "pose_object") if mix.get(t)
+                                    and (object_pose or t != "pose_object"))
     return tasks.eval_set(make_renderer(config), names, n or config.base.eval_samples, seed=config.seed,
                           decimals=config.angle_decimals)
+
+
+def object_pose_check(backend: Backend, config: Config, n: int, batch_size: int = 32,
+                      ) -> tuple[dict[str, float], pd.DataFrame]:
+    """The base's cube poses (`base.object_pose`) on `n` held-out scenes: metrics
+    `base/<domain>/object_pose_<valid_rate|acc50|mae_yaw|...|mae_mean>` and the answers; nothing
+    (`{}`, an empty frame) when the curriculum has none."""
+    if not config.base.object_pose:
+        return {}, pd.DataFrame()
+    samples = tasks.eval_set(make_renderer(config), ["pose_object"], n, seed=config.seed,
+                             decimals=config.angle_decimals)
+    table, metrics = evaluate_samples(backend, samples, batch_size)
+    prefix = f"base/{config.data.train_domain}/object_pose_"
+    return {prefix + k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("pose_object/")}, table
 
 
 def lora_eval_set(config: Config, n: int | None = None) -> list[Sample]:
@@ -608,7 +626,7 @@ def fit_base(config: Config, progress: bool = True) -> None:
         _vision_stage(config, backend, cache / "training" / VISION_DIR, progress)
         if config.base.freeze_vision:
             freeze_tower(backend)
-    stream = tasks.SampleStream(make_renderer(config), tasks.BASE_MIX, per_process_batch(config.base, "base"),
+    stream = tasks.SampleStream(make_renderer(config), tasks.base_mix(config.base.object_pose), per_process_batch(config.base, "base"),
                                 seed=config.seed, decimals=config.angle_decimals)
     history = fit(backend, stream, base_eval_set(config), config.base, cache / "training", desc="base",
                   progress=progress)

@@ -65,8 +65,11 @@ def test_tokenizer_round_trips_answers_with_numbers_as_single_tokens():
 
 def test_tokenizer_covers_every_prompt():
     tok = build_tokenizer(tasks.corpus())
-    for text in tasks.corpus():
-        assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"], text
+    # the object-pose prompts are left out of the corpus (their words are all in it): check them too
+    poses = [prompts.pose_prompt(f"{c} {s}") for c in tasks.COLOUR_WORDS for s in tasks.SHAPE_WORDS]
+    for text in tasks.corpus() + poses:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids and tok.decode(ids) == text, text
 
 
 def test_image_size_must_tile_into_merged_patches():

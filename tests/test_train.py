@@ -42,7 +42,7 @@ class FakeRenderer:
             box=(x, y, x + 0.4, y + 0.45), yaw=float(rng.uniform(-90, 90)), pitch=float(rng.uniform(-40, 40)),
             roll=float(rng.uniform(-30, 30)), meta={"domain": "fake"},
             objects=[{"name": "red cube", "shape": "cube", "color": "red", "box": [0.6, 0.6, 0.8, 0.8],
-                      "axis": list(axis / np.linalg.norm(axis))},
+                      "axis": list(axis / np.linalg.norm(axis)), "yaw": 20.0, "pitch": -10.0, "roll": 35.0},
                      {"name": "blue cone", "shape": "cone", "color": "blue", "box": [0.1, 0.7, 0.2, 0.9],
                       "axis": [0.0, 1.0, 0.0]}])
 
@@ -105,6 +105,62 @@ def test_base_curriculum_has_no_head_pose():
     assert "hpe" not in tasks.BASE_MIX
 
 
+def test_cube_pose_is_the_smallest_rotation_that_draws_the_same_cube():
+    from hpelib.geometry import euler_to_matrix, geodesic_distance
+
+    rng = np.random.default_rng(0)
+    for yaw, pitch, roll in rng.uniform(-90, 90, (50, 3)):
+        R = euler_to_matrix(yaw, pitch, roll)
+        pose = tasks.cube_pose(yaw, pitch, roll)
+        C = euler_to_matrix(*pose)
+        S = R.T @ C  # the symmetry taking R to C: a signed permutation of determinant 1
+        np.testing.assert_allclose(np.abs(S).sum(axis=0), 1, atol=1e-9)
+        assert np.isclose(np.linalg.det(S), 1) and np.allclose(np.abs(S).round(), np.abs(S), atol=1e-9)
+        angles = geodesic_distance(np.eye(3), R @ tasks.CUBE_SYMMETRIES)
+        smallest = geodesic_distance(np.eye(3), C)
+        assert smallest == pytest.approx(angles.min(), abs=1e-6) and smallest <= 62.81  # the cube's largest
+        np.testing.assert_allclose(tasks.cube_pose(*pose), pose, atol=1e-6)  # already the smallest
+        mirrored = tasks.cube_pose(-yaw, pitch, -roll)  # mirroring commutes with the choice
+        np.testing.assert_allclose(mirrored, (-pose[0], pose[1], -pose[2]), atol=1e-6)
+    assert len({m.tobytes() for m in tasks.CUBE_SYMMETRIES}) == 24
+
+
+def test_object_pose_answers_a_cube_in_the_head_pose_grammar_and_never_a_head():
+    rng = np.random.default_rng(0)
+    scene = FakeRenderer().render(rng)
+    s = tasks.task_pose_object(scene, rng)
+    assert s.task == "pose_object" and s.prompt == "Locate the red cube and give its pose."
+    parsed = prompts.parse_response(s.answer, task="hpe")
+    assert parsed.kind == "hpe" and s.answer.startswith(prompts.format_box([0.6, 0.6, 0.8, 0.8]))
+    yaw, pitch, roll = tasks.cube_pose(20.0, -10.0, 35.0)
+    assert (parsed.yaw, parsed.pitch, parsed.roll) == (round(yaw), round(pitch), round(roll))
+    m = tasks.task_pose_object(tasks.mirror_scene(scene), rng)  # the mirrored cube: yaw and roll negated
+    assert (m.meta["yaw"], m.meta["pitch"], m.meta["roll"]) == pytest.approx((-yaw, pitch, -roll))
+    scene.objects = [o for o in scene.objects if o["shape"] != "cube"]
+    assert tasks.task_pose_object(scene, rng) is None  # no cube: a fresh render (SampleStream)
+    assert prompts.pose_prompt(tasks.HEAD) == prompts.HPE_PROMPT
+
+
+def test_base_mix_adds_object_poses_only_when_asked_and_never_a_heads():
+    assert tasks.base_mix(0) == tasks.BASE_MIX and "pose_object" not in tasks.BASE_MIX
+    assert tasks.base_mix(0.1) == {**tasks.BASE_MIX, "pose_object": 0.1}
+    with pytest.raises(ValueError, match="object_pose"):
+        tasks.base_mix(-0.1)
+    batch = tasks.SampleStream(FakeRenderer(), tasks.base_mix(1.0), batch_size=16).batch(0)
+    poses = [s for s in batch if s.task == "pose_object"]
+    assert len(poses) == 8 and all(s.meta["target"] == "red cube" for s in poses)
+    assert not any(s.task == "hpe" or s.prompt == prompts.HPE_PROMPT for s in batch)
+
+
+def test_object_pose_is_a_base_parameter_refused_for_adapters():
+    with pytest.raises(ValueError, match="object_pose"):
+        make_config("smoke", {"base.object_pose": -1})
+    with pytest.raises(ValueError, match="lora.train.object_pose"):
+        make_config("smoke", {"lora.train.object_pose": 0.1})
+    assert train.base_key(make_config("default", {"base.object_pose": 0})) == "96289dffbd1e"
+    assert train.base_key(make_config("default", {"base.object_pose": 0.1})) != "96289dffbd1e"
+
+
 def test_axis_angles():
     assert tasks.axis_angles([0, 1, 0]) == (0, 0)
     assert tasks.axis_angles([0, -1, 0]) == (0, 0)  # a line: the sign does not matter
@@ -133,6 +189,10 @@ def test_score_answers_counts_invalid_as_misses():
     assert m["box_head/valid_rate"] == 1.0 and m["box_head/acc50"] == 0.5  # a valid box can miss
     assert m["hpe/valid_rate"] == 0.5 and m["hpe/mae_mean"] < 0.6  # rounding to integers only
     assert m["valid_rate"] == 0.75
+    poses = tasks.eval_set(r, ["pose_object"], n=2)  # the base's object poses are scored as head poses are
+    m = train.summarize(train.score_answers(poses, [poses[0].answer, "[[000,000,001,001]]"]))
+    assert m["pose_object/valid_rate"] == 0.5 and m["pose_object/mae_mean"] < 0.6
+    assert m["pose_object/acc50"] == 0.5
 
 
 # ------------------------------------------------------------------------------------ the loop

@@ -7,7 +7,8 @@ Tasks (each a function `scene, rng, decimals -> Sample | None`):
   `[[x0,y0,x1,y1]]`; `box_head` / `box_object` ask for one kind only (for evaluation).
 - base curriculum (general visual features, never head pose): `orient` (the axis direction of a
   rigid object, as two angles), `colour` (the colour of the object of a shape), `count` (how many
-  objects), `shape` (which shape has a colour).
+  objects), `shape` (which shape has a colour); `pose_object` (a cube's box and its yaw, pitch
+  and roll in the head-pose answer's words, `base.object_pose`).
 
 A `TaskMix` draws whole batches: each batch holds each task in proportion to its weight
 (largest-remainder rounding, so `{"hpe": 0.8, "box": 0.2}` at batch 32 is always 26 + 6), and
@@ -148,6 +149,58 @@ def task_orient(scene, rng, decimals: int = 0) -> Sample | None:
                   _meta(scene, target=o["name"], tilt=tilt, depth=depth))
 
 
+def _cube_symmetries() -> np.ndarray:
+    """The 24 rotations that map a cube onto itself: signed permutation matrices of determinant 1."""
+    out = []
+    for perm in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)):
+        for signs in np.ndindex(2, 2, 2):
+            m = np.zeros((3, 3))
+            m[range(3), perm] = [1.0 - 2.0 * v for v in signs]
+            if np.linalg.det(m) > 0:
+                out.append(m)
+    return np.stack(out)
+
+
+CUBE_SYMMETRIES = _cube_symmetries()
+
+
+def cube_pose(yaw: float, pitch: float, roll: float) -> tuple[float, float, float]:
+    """A cube's visible pose: of the 24 rotations that draw the same cube as `R(yaw, pitch, roll)`
+    (`R S` for each symmetry `S`), the one closest to no rotation, as head-pose angles.
+
+    A cube's pose is only defined up to its symmetries; the smallest rotation (at most ~63 deg)
+    is the one answer an image can support. Mirroring commutes with it: the mirrored cube's pose
+    is this one with yaw and roll negated (`M S M` is again a symmetry, M = diag(-1, 1, 1)).
+    """
+    from hpelib.geometry import euler_to_matrix, matrix_to_euler
+
+    candidates = euler_to_matrix(yaw, pitch, roll) @ CUBE_SYMMETRIES
+    best = candidates[int(np.argmax(np.trace(candidates, axis1=1, axis2=2)))]
+    y, p, r = matrix_to_euler(best)
+    return float(y), float(p), float(r)
+
+
+def task_pose_object(scene, rng, decimals: int = 0) -> Sample | None:
+    """`Locate the red cube and give its pose.` -> `[[x0,y0,x1,y1]] yaw:.. pitch:.. roll:..`.
+
+    Rigid-object pose in the words of the head-pose answer, for cubes (a cube's three axes fix
+    all three angles up to its symmetries, `cube_pose`; a cone or cylinder has no yaw to see).
+    A pretrained VLM has met these words; a base that never wrote them gives its adapters a
+    field name to lift from ~0 (docs/tiny_backend.md, "A base that has written the pose's words").
+    Not head pose: no head angle enters a base that trains on it.
+    """
+    objs = [o for o in _get(scene, "objects", None) or [] if _get(o, "shape") == "cube"
+            and sum(_get(p, "name") == _get(o, "name") for p in _get(scene, "objects", None) or []) == 1]
+    if not objs:
+        return None
+    o = objs[rng.integers(len(objs))]
+    yaw, pitch, roll = cube_pose(*(float(_get(o, k)) for k in ("yaw", "pitch", "roll")))
+    box = tuple(map(float, _get(o, "box")))
+    return Sample(_get(scene, "image"), prompts.pose_prompt(_get(o, "name")),
+                  prompts.format_hpe(box, yaw, pitch, roll, decimals=decimals), "pose_object",
+                  _meta(scene, box=box, yaw=yaw, pitch=pitch, roll=roll, target=_get(o, "name"), target_kind="object"))
+
+
 def task_colour(scene, rng, decimals: int = 0) -> Sample | None:
     objs = scene_objects(scene)
     unique = [o for o in objs if o["shape"] and o["colour"] and sum(p["shape"] == o["shape"] for p in objs) == 1]
@@ -170,6 +223,7 @@ TASKS: dict[str, Callable[..., Sample | None]] = {
     "box_object": task_box_object,
     "box_part": task_part,
     "orient": task_orient,
+    "pose_object": task_pose_object,
     "colour": task_colour,
     "count": task_count,
 }
@@ -177,6 +231,14 @@ TASKS: dict[str, Callable[..., Sample | None]] = {
 # The base curriculum of the tiny backend: grounding (heads and objects) plus general visual
 # skills; no head pose anywhere. Weights: grounding dominates, as in a grounding generalist.
 BASE_MIX = {"box": 0.6, "orient": 0.2, "colour": 0.1, "count": 0.1}
+
+
+def base_mix(object_pose: float = 0.0) -> dict[str, float]:
+    """The base curriculum: `BASE_MIX`, plus `object_pose` (a weight beside its weights, which sum
+    to 1) of cube poses in the head-pose answer's words (`task_pose_object`) when it is > 0."""
+    if not (isinstance(object_pose, (int, float)) and object_pose >= 0):
+        raise ValueError(f"object_pose must be a number >= 0, got {object_pose!r}")
+    return {**BASE_MIX, "pose_object": float(object_pose)} if object_pose > 0 else dict(BASE_MIX)
 
 
 def lora_mix(rehearsal_ratio: float) -> dict[str, float]:
@@ -220,7 +282,8 @@ def mirror_scene(scene) -> SimpleNamespace:
     """The scene mirrored left-right: a second, free training view of one render.
 
     Mirroring x maps `R = Rz(roll) Ry(yaw) Rx(pitch)` to `M R M = Rz(-roll) Ry(-yaw) Rx(pitch)`
-    (M = diag(-1, 1, 1)), so yaw and roll change sign, pitch stays; boxes and object axes mirror.
+    (M = diag(-1, 1, 1)), so yaw and roll change sign, pitch stays, for the head and the objects;
+    boxes and object axes mirror.
     """
     x0, y0, x1, y1 = head_box(scene)
     objects = []
@@ -231,6 +294,9 @@ def mirror_scene(scene) -> SimpleNamespace:
         if o.get("axis") is not None:
             ax = np.asarray(o["axis"], np.float64) * np.array([-1.0, 1.0, 1.0])
             o["axis"] = ax.tolist()
+        for k in ("yaw", "roll"):
+            if o.get(k) is not None:
+                o[k] = 0.0 - float(o[k])
         o.pop("rotation", None)
         objects.append(o)
     meta = dict(_get(scene, "meta", {}) or {}, mirrored=True)
@@ -292,8 +358,9 @@ class SampleStream:
         return out
 
 
-def _render_task(renderer, task: str, rng: np.random.Generator, decimals: int, max_tries: int = 20) -> Sample:
-    """One sample of `task` from fresh renders (re-rendering while the task does not apply)."""
+def _render_task(renderer, task: str, rng: np.random.Generator, decimals: int, max_tries: int = 200) -> Sample:
+    """One sample of `task` from fresh renders (re-rendering while the task does not apply: a cube, which
+    `pose_object` needs, is in ~1 of 4 `synth-train` scenes, so 20 tries failed 1 sample in ~150)."""
     for _ in range(max_tries):
         sample = TASKS[task](renderer.render(rng), rng, decimals)
         if sample is not None:
@@ -326,7 +393,11 @@ COLOUR_WORDS = ("red", "green", "blue", "yellow", "orange", "purple", "white", "
 
 
 def corpus() -> list[str]:
-    """Every prompt and answer text pattern the tasks produce (the tiny tokenizer's corpus)."""
+    """Every prompt and answer text pattern the tasks produce (the tiny tokenizer's corpus).
+
+    `pose_object`'s prompts (`Locate the red cube and give its pose.`) are left out: every word of
+    them is here already, so the tokenizer is the same, and leaving them out keeps the corpus's
+    hash, which is in every cached base's key (`train.base_key`; tests check they tokenize)."""
     shapes, colours = list(SHAPE_WORDS), list(COLOUR_WORDS)
     try:  # the renderer's own names, when it defines them
         from hpelib.data import synth
