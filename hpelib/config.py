@@ -374,8 +374,11 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "base": TrainConfig, "lor
 # --------------------------------------------------------------------------- profiles
 # DC1's base (docs/tiny_backend.md, "Dense vision targets" and "Adapters with many more steps"): a
 # conv-stem tower pre-trained alone on dense pose-free targets, then frozen, and the angle tokens' rows
-# on a circle. The `default` and `pose` profiles share it, so one cached base serves both.
+# on a circle; since the fourteenth session with cube poses in the curriculum, so the base has written
+# ` yaw:` ` pitch:` ` roll:` ("A base that has written the pose's words"). The `default` and `pose`
+# profiles share it, so one cached base serves both.
 DC1_BASE: dict[str, Any] = {
+    "base.object_pose": 0.1,  # ~3 of 32 samples a batch; the adapters' field names: p 0.04-0.05 -> ~1
     "model.tiny_spec": {"stem": "conv", "angle_circle": 5},
     "base.vision_minutes": 10,  # (ints, as DC1 was trained with: the same base key, so its cache serves)
     "base.vision_targets": "dense",
