@@ -626,8 +626,8 @@ def fit_base(config: Config, progress: bool = True) -> None:
         _vision_stage(config, backend, cache / "training" / VISION_DIR, progress)
         if config.base.freeze_vision:
             freeze_tower(backend)
-    stream = tasks.SampleStream(make_renderer(config), tasks.base_mix(config.base.object_pose), per_process_batch(config.base, "base"),
-                                seed=config.seed, decimals=config.angle_decimals)
+    stream = tasks.SampleStream(make_renderer(config), tasks.base_mix(config.base.object_pose),
+                                per_process_batch(config.base, "base"), seed=config.seed, decimals=config.angle_decimals)
     history = fit(backend, stream, base_eval_set(config), config.base, cache / "training", desc="base",
                   progress=progress)
     if int(os.environ.get("RANK", "0")) == 0:

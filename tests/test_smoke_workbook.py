@@ -64,6 +64,11 @@ def test_metrics_cover_every_variant_and_domain(smoke_run):
                 assert 0 <= metrics[key] <= (cfg.eval.invalid_penalty_deg if metric == "mae_all" else 1), key
     # training stops at whichever of minutes / max_steps comes first
     assert 0 < metrics["train/base/steps"] <= cfg.base.max_steps
+    # the base's cube poses (base.object_pose, as in the default's base): checked while it trains, and
+    # scored by 01_train_base on held-out scenes
+    assert cfg.base.object_pose > 0 and 0 <= metrics["train/base/final/pose_object/valid_rate"] <= 1
+    for metric in ("valid_rate", "acc50"):
+        assert 0 <= metrics[f"train/base/{cfg.data.train_domain}/object_pose_{metric}"] <= 1, metric
     for adapter in cfg.lora.adapters:
         assert 0 < metrics[f"train/lora:{adapter}/steps"] <= cfg.lora.train.max_steps
     # both CNN baselines, from one training run: @budget is its snapshot at the LoRA budget
