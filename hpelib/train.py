@@ -543,8 +543,8 @@ def base_eval_set(config: Config, n: int | None = None, object_pose: bool = True
                           decimals=config.angle_decimals)
 
 
-def object_pose_check(backend: Backend, config: Config, n: int, batch_size: int = 32,
-                      ) -> tuple[dict[str, float], pd.DataFrame]:
+def object_pose_check(backend: Backend, config: Config, n: int,
+                      batch_size: int = 32) -> tuple[dict[str, float], pd.DataFrame]:
     """The base's cube poses (`base.object_pose`) on `n` held-out scenes: metrics
     `base/<domain>/object_pose_<valid_rate|acc50|mae_yaw|...|mae_mean>` and the answers; nothing
     (`{}`, an empty frame) when the curriculum has none."""

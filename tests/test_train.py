@@ -586,8 +586,11 @@ def test_model_tiny_spec_refuses_what_tiny_spec_does():
 
 def test_the_pose_profile_reuses_the_base_its_numbers_came_from():
     """The `pose` and `default` profiles' base is DC1 of docs/tiny_backend.md, trained by `tiny_experiment.py base
-    --spec '{"stem": "conv", "angle_circle": 5}' --set base.vision_minutes=10 ...`: the same key."""
-    dc1 = make_config("quick", {"model.tiny_spec": {"stem": "conv", "angle_circle": 5}, "base.vision_minutes": 10,
-                                "base.vision_targets": "dense", "base.freeze_vision": True, "base.minutes": 18})
-    assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == train.base_key(dc1)
+    --spec '{"stem": "conv", "angle_circle": 5}' --set base.vision_minutes=10 ...`, with cube poses in its
+    curriculum since the fourteenth session (`base.object_pose 0.1`, OP1): the same keys."""
+    dc1 = {"model.tiny_spec": {"stem": "conv", "angle_circle": 5}, "base.vision_minutes": 10,
+           "base.vision_targets": "dense", "base.freeze_vision": True, "base.minutes": 18}
+    op1 = make_config("quick", {**dc1, "base.object_pose": 0.1})
+    assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == train.base_key(op1)
+    assert train.base_key(make_config("default", {"base.object_pose": 0})) == train.base_key(make_config("quick", dc1))
     assert make_config("pose").lora.train.minutes > make_config("default").lora.train.minutes
