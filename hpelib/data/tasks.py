@@ -44,8 +44,8 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
 
 def scene_objects(scene) -> list[dict[str, Any]]:
     """The scene's visible objects as dicts: `name` ("red cube"), `shape`, `colour`, `box`
-    (relative x0, y0, x1, y1) and `axis` (unit 3-vector of the object's symmetry axis in the
-    camera frame, or None)."""
+    (relative x0, y0, x1, y1), `axis` (unit 3-vector of the object's symmetry axis in the
+    camera frame, or None) and `angles` (its yaw, pitch and roll as drawn, or None)."""
     out = []
     for o in _get(scene, "objects", None) or []:
         name = _get(o, "name")
@@ -60,8 +60,10 @@ def scene_objects(scene) -> list[dict[str, Any]]:
         rotation = _get(o, "rotation")
         if axis is None and rotation is not None:
             axis = np.asarray(rotation, np.float64)[:, 1]  # the model's +y axis in camera frame
+        angles = tuple(_get(o, k) for k in ("yaw", "pitch", "roll"))
         out.append({"name": name, "shape": shape, "colour": colour, "box": tuple(map(float, box)),
-                    "axis": None if axis is None else np.asarray(axis, np.float64)})
+                    "axis": None if axis is None else np.asarray(axis, np.float64),
+                    "angles": None if None in angles else tuple(map(float, angles))})
     return out
 
 
@@ -189,16 +191,15 @@ def task_pose_object(scene, rng, decimals: int = 0) -> Sample | None:
     field name to lift from ~0 (docs/tiny_backend.md, "A base that has written the pose's words").
     Not head pose: no head angle enters a base that trains on it.
     """
-    objs = [o for o in _get(scene, "objects", None) or [] if _get(o, "shape") == "cube"
-            and sum(_get(p, "name") == _get(o, "name") for p in _get(scene, "objects", None) or []) == 1]
+    objs = [o for o in scene_objects(scene) if o["shape"] == "cube" and o["angles"] is not None
+            and sum(p["name"] == o["name"] for p in scene_objects(scene)) == 1]
     if not objs:
         return None
     o = objs[rng.integers(len(objs))]
-    yaw, pitch, roll = cube_pose(*(float(_get(o, k)) for k in ("yaw", "pitch", "roll")))
-    box = tuple(map(float, _get(o, "box")))
-    return Sample(_get(scene, "image"), prompts.pose_prompt(_get(o, "name")),
-                  prompts.format_hpe(box, yaw, pitch, roll, decimals=decimals), "pose_object",
-                  _meta(scene, box=box, yaw=yaw, pitch=pitch, roll=roll, target=_get(o, "name"), target_kind="object"))
+    yaw, pitch, roll = cube_pose(*o["angles"])
+    return Sample(_get(scene, "image"), prompts.pose_prompt(o["name"]),
+                  prompts.format_hpe(o["box"], yaw, pitch, roll, decimals=decimals), "pose_object",
+                  _meta(scene, box=o["box"], yaw=yaw, pitch=pitch, roll=roll, target=o["name"], target_kind="object"))
 
 
 def task_colour(scene, rng, decimals: int = 0) -> Sample | None:
