@@ -494,7 +494,7 @@ def make_renderer(config: Config, domain: str | None = None):
 
 # base fields added after bases were cached -> their unset value, at which they stay out of the key
 ADDED_BASE_FIELDS = {"angle_sigma": 0, "box_sigma": 0, "vision_minutes": 0, "freeze_vision": False,
-                     "autocast_bf16": False, "angle_weight": 1, "object_pose": 0}
+                     "autocast_bf16": False, "angle_weight": 1, "object_pose": 0, "vision_steps": 0}
 
 
 def base_key(config: Config) -> str:
@@ -651,6 +651,7 @@ def _vision_stage(config: Config, backend: Backend, out: Path, progress: bool) -
         vision_pretrain.load_tower(backend, out)
         return
     stage = dataclasses.replace(config.base, minutes=config.base.vision_minutes,
+                                max_steps=config.base.vision_steps or config.base.max_steps,
                                 warmup_steps=min(config.base.warmup_steps, VISION_WARMUP))
     history = vision_pretrain.pretrain_vision(backend, make_renderer(config), stage, out,
                                               per_process_batch(config.base, "base"), seed=config.seed,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from hpelib import train
+from hpelib import evaluate, train
 from hpelib import vision_pretrain as vp
 from hpelib.backends.tiny import TinyBackend, TinySpec
 from hpelib.config import make_config
@@ -67,6 +67,10 @@ def main() -> None:
           f"{(shape_out[obj_cell].argmax(-1) == shape[obj_cell]).float().mean():.0%} "
           f"(chance {1 / len(vp.COLOUR_NAMES):.0%} / {1 / len(vp.SHAPES):.0%})")
     print(f"object box MAE             {(box_out[obj_cell] - stack('obj_box')[obj_cell]).abs().mean():.3f} (image widths)")
+    obj_iou = [evaluate.box_iou(tuple(b), tuple(t)) for b, t in
+               zip(box_out[obj_cell].tolist(), stack("obj_box")[obj_cell].tolist())]
+    print(f"object box Acc@0.5         {np.mean(np.asarray(obj_iou) >= 0.5):.0%} at the true cells "
+          f"(what an answer copied from the tower's token could reach)")
     pred = head_out[torch.arange(a.n), stack("head_index")].numpy()
     true = np.stack([t["head"] for t in targets])
     const = np.abs(true[:, 4:] - true[:, 4:].mean(0)).mean()

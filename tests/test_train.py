@@ -157,8 +157,9 @@ def test_object_pose_is_a_base_parameter_refused_for_adapters():
         make_config("smoke", {"base.object_pose": -1})
     with pytest.raises(ValueError, match="lora.train.object_pose"):
         make_config("smoke", {"lora.train.object_pose": 0.1})
-    assert train.base_key(make_config("default", {"base.object_pose": 0})) == "96289dffbd1e"  # DC1 alone
-    assert train.base_key(make_config("default")) == "f20e59d3c2ca" != "96289dffbd1e"
+    op1 = {"base.vision_steps": 0, "base.vision_minutes": 10}  # the default's tower stage before VS1
+    assert train.base_key(make_config("default", {**op1, "base.object_pose": 0})) == "96289dffbd1e"  # DC1 alone
+    assert train.base_key(make_config("default", op1)) == "f20e59d3c2ca" != "96289dffbd1e"
 
 
 def test_axis_angles():
@@ -426,23 +427,27 @@ def test_adapters_and_evaluation_in_worker_processes_match_one_process(tmp_path)
 @pytest.mark.usefixtures("data_dir")
 def test_vision_pretraining_trains_the_tower_before_the_curriculum(tmp_path):
     """`base.vision_minutes`: the tower trains first with the temporary head (its own history and
-    checkpoints under training/vision), then the base curriculum; a base resumed after the vision
-    stage starts from the tower that stage trained."""
+    checkpoints under training/vision) for `base.vision_steps`, then the base curriculum; a base
+    resumed after the vision stage starts from the tower that stage trained."""
     from hpelib import vision_pretrain
 
-    config = make_config("smoke", {"base.vision_minutes": 1.0, "base.max_steps": 3, "base.eval_every": 3,
-                                   "base.eval_samples": 2, "base.checkpoint_every": 2})
+    config = make_config("smoke", {"base.vision_minutes": 1.0, "base.vision_steps": 4, "base.max_steps": 3,
+                                   "base.eval_every": 3, "base.eval_samples": 2, "base.checkpoint_every": 2})
     assert train.base_key(config) != train.base_key(make_config("smoke", {"base.max_steps": 3, "base.eval_every": 3,
+                                                                          "base.eval_samples": 2,
+                                                                          "base.checkpoint_every": 2}))
+    assert train.base_key(config) != train.base_key(make_config("smoke", {"base.vision_minutes": 1.0,
+                                                                          "base.max_steps": 3, "base.eval_every": 3,
                                                                           "base.eval_samples": 2,
                                                                           "base.checkpoint_every": 2}))
     _, history = train.train_base(config, tmp_path / "run" / "base", progress=False)
     vision = train.base_cache_dir(config) / "training" / train.VISION_DIR
-    assert train.vision_history(tmp_path / "run" / "base")["step"].tolist() == [1, 2, 3]
-    assert train.io.read_json(tmp_path / "run" / "base" / "base.json")["vision"]["steps"] == 3
+    assert train.vision_history(tmp_path / "run" / "base")["step"].tolist() == [1, 2, 3, 4]
+    assert train.io.read_json(tmp_path / "run" / "base" / "base.json")["vision"]["steps"] == 4
     assert history["step"].tolist() == [1, 2, 3]
     vh = pd.read_csv(vision / train.HISTORY_CSV)
-    assert vh["step"].tolist() == [1, 2, 3] and np.isfinite(vh["loss"]).all()
-    assert (vision / train.LOSS_PNG).exists() and train.io.read_json(vision / train.DONE)["steps"] == 3
+    assert vh["step"].tolist() == [1, 2, 3, 4] and np.isfinite(vh["loss"]).all()
+    assert (vision / train.LOSS_PNG).exists() and train.io.read_json(vision / train.DONE)["steps"] == 4
 
     fresh = TinyBackend.build(config)
     before = {n: p.clone() for n, p in fresh.model.model.visual.named_parameters()}
@@ -459,6 +464,10 @@ def test_vision_pretraining_trains_the_tower_before_the_curriculum(tmp_path):
         vision_pretrain.scene_targets(FakeRenderer().render(np.random.default_rng(0)))
     with pytest.raises(ValueError, match="lora.train.vision_minutes"):
         make_config("smoke", {"lora.train.vision_minutes": 1.0})
+    with pytest.raises(ValueError, match="lora.train.vision_steps"):
+        make_config("smoke", {"lora.train.vision_steps": 10})
+    with pytest.raises(ValueError, match="base.vision_steps"):
+        make_config("smoke", {"base.vision_steps": -1})
 
 
 @pytest.mark.usefixtures("data_dir")
@@ -549,7 +558,7 @@ def test_bf16_autocast_is_a_new_base_and_leaves_cached_bases_keys_alone():
     as they were; a base trained under autocast is a new one. If a deliberate change re-keys every
     base (a new task word, BASE_VERSION), update the two keys here and say so in the commit."""
     assert train.base_key(make_config("quick")) == "cf8ff0410dca"
-    assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == "f20e59d3c2ca"
+    assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == "99826dc8a04a"
     assert train.base_key(make_config("quick", {"base.autocast_bf16": True})) != "cf8ff0410dca"
 
 def test_model_tiny_spec_builds_that_model_and_is_its_base_key(monkeypatch):
@@ -587,10 +596,15 @@ def test_model_tiny_spec_refuses_what_tiny_spec_does():
 def test_the_pose_profile_reuses_the_base_its_numbers_came_from():
     """The `pose` and `default` profiles' base is DC1 of docs/tiny_backend.md, trained by `tiny_experiment.py base
     --spec '{"stem": "conv", "angle_circle": 5}' --set base.vision_minutes=10 ...`, with cube poses in its
-    curriculum since the fourteenth session (`base.object_pose 0.1`, OP1): the same keys."""
+    curriculum since the fourteenth session (`base.object_pose 0.1`, OP1) and its tower trained for 2600
+    steps since the fifteenth (`base.vision_steps`, VS1): the same keys."""
     dc1 = {"model.tiny_spec": {"stem": "conv", "angle_circle": 5}, "base.vision_minutes": 10,
            "base.vision_targets": "dense", "base.freeze_vision": True, "base.minutes": 18}
-    op1 = make_config("quick", {**dc1, "base.object_pose": 0.1})
-    assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == train.base_key(op1)
-    assert train.base_key(make_config("default", {"base.object_pose": 0})) == train.base_key(make_config("quick", dc1))
+    op1 = {**dc1, "base.object_pose": 0.1}
+    vs1 = make_config("quick", {**op1, "base.vision_steps": 2600, "base.vision_minutes": 15})
+    assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == train.base_key(vs1)
+    before = {"base.vision_steps": 0, "base.vision_minutes": 10}
+    assert train.base_key(make_config("default", before)) == train.base_key(make_config("quick", op1))
+    assert (train.base_key(make_config("default", {**before, "base.object_pose": 0}))
+            == train.base_key(make_config("quick", dc1)))
     assert make_config("pose").lora.train.minutes > make_config("default").lora.train.minutes
