@@ -185,6 +185,8 @@ class TrainConfig:
                and self.object_pose >= 0, "object_pose", self.object_pose, "a number >= 0 (0: no cube poses)")
         _non_negative_int("warmup_steps", self.warmup_steps)
         _non_negative_int("vision_steps", self.vision_steps)
+        _check(not self.vision_steps or self.vision_minutes > 0, "vision_steps", self.vision_steps,
+               "0 unless vision_minutes > 0: without a vision stage there are no steps to limit")
         _check(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0, "weight_decay",
                self.weight_decay, "a number >= 0")
         _positive("max_grad_norm", self.max_grad_norm)
@@ -399,7 +401,7 @@ DC1_BASE: dict[str, Any] = {
 PROFILES: dict[str, dict[str, Any]] = {
     # The CPU study the README reports, with adapters that learn head pose within 8 minutes
     # (docs/tiny_backend.md, "A step twice as cheap"): DC1's base, a conv-stem tower pre-trained on
-    # dense pose-free targets and then frozen, circular angle rows (~20 min, then cached; the same
+    # dense pose-free targets and then frozen, circular angle rows (~21 min, then cached; the same
     # base key as `pose`), and adapters with the cheaper step: LoRA on the language model and the
     # projector, not the tower, no LoRA dropout, bf16 autocast (~1100-1200 steps in 8 min, side by
     # side on one core each), with soft angle targets (sigma 6 deg) weighted 3x, lr 7e-3.

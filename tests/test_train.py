@@ -468,6 +468,8 @@ def test_vision_pretraining_trains_the_tower_before_the_curriculum(tmp_path):
         make_config("smoke", {"lora.train.vision_steps": 10})
     with pytest.raises(ValueError, match="base.vision_steps"):
         make_config("smoke", {"base.vision_steps": -1})
+    with pytest.raises(ValueError, match="base.vision_steps.*vision_minutes > 0"):
+        make_config("smoke", {"base.vision_steps": 10})
 
 
 @pytest.mark.usefixtures("data_dir")
