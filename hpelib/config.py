@@ -186,7 +186,7 @@ class TrainConfig:
         _non_negative_int("warmup_steps", self.warmup_steps)
         _non_negative_int("vision_steps", self.vision_steps)
         _check(not self.vision_steps or self.vision_minutes > 0, "vision_steps", self.vision_steps,
-               "0 unless vision_minutes > 0: without a vision stage there are no steps to limit")
+               "0 unless vision_minutes > 0: it limits the base's vision stage, which adapters never have")
         _check(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0, "weight_decay",
                self.weight_decay, "a number >= 0")
         _positive("max_grad_norm", self.max_grad_norm)
@@ -234,9 +234,8 @@ class LoraConfig:
                "LoRA, run `accelerate launch --multi_gpu --num_processes N -m hpelib.train lora` yourself)")
         for name in ("target_language", "target_vision", "target_projector"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
-        for name in ("vision_minutes", "vision_steps"):
-            _check(getattr(self.train, name) == 0, f"train.{name}", getattr(self.train, name),
-                   f"0: vision pre-training is a stage of the base (base.{name}), not of an adapter")
+        _check(self.train.vision_minutes == 0, "train.vision_minutes", self.train.vision_minutes,
+               "0: vision pre-training is a stage of the base (base.vision_minutes), not of an adapter")
         _positive("alpha", self.alpha)
         _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
         _check(self.target_language or self.target_vision or self.target_projector,
@@ -386,7 +385,7 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "base": TrainConfig, "lor
 DC1_BASE: dict[str, Any] = {
     "base.object_pose": 0.1,  # ~3 of 32 samples a batch; the adapters' field names: p 0.04-0.05 -> ~1
     "model.tiny_spec": {"stem": "conv", "angle_circle": 5},
-    # the tower's stage: 2600 steps (~14 min on 2 cores; 15 min a ceiling), not the curriculum's 1300 (~7 min):
+    # the tower's stage: 2600 steps (~13 min on 2 cores; 15 min a ceiling), not the curriculum's 1300 (~7 min):
     # on 600 held-out scenes its own head then finds 81 % of the object cells (64 %), 76 % of their boxes
     # (67 %), and a linear map reads the pose from its landmarks to 9.7 deg (12.8) (docs/tiny_backend.md,
     # "A tower trained twice as long")
@@ -403,8 +402,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # (docs/tiny_backend.md, "A step twice as cheap"): DC1's base, a conv-stem tower pre-trained on
     # dense pose-free targets and then frozen, circular angle rows (~21 min, then cached; the same
     # base key as `pose`), and adapters with the cheaper step: LoRA on the language model and the
-    # projector, not the tower, no LoRA dropout, bf16 autocast (~1100-1200 steps in 8 min, side by
-    # side on one core each), with soft angle targets (sigma 6 deg) weighted 3x, lr 7e-3.
+    # projector, not the tower, no LoRA dropout, bf16 autocast (~1200-1350 steps in 8 min, side by
+    # side on one core each), with soft angle targets (sigma 6 deg) weighted 5x, lr 7e-3.
     "default": {
         **DC1_BASE,
         "lora.target_vision": False,  # the tower is frozen and pre-trained; its LoRA costs 60 % more a step

@@ -65,8 +65,8 @@ def main() -> None:
     # by the object's size (the side of a square of its box's area, in pixels of the image)
     px = make_config("default").data.image_size
     sides = np.array([((b[2] - b[0]) * (b[3] - b[1])) ** 0.5 * px for b in (s.meta["box"] for s in samples)])
-    hits = np.array([evaluate.box_iou(prompts.parse_response(ans).box, s.meta["box"]) >= 0.5
-                     if prompts.parse_response(ans).box else False for s, ans in zip(samples, answers)])
+    boxes = [prompts.parse_response(ans).box for ans in answers]
+    hits = np.array([box is not None and evaluate.box_iou(box, s.meta["box"]) >= 0.5 for s, box in zip(samples, boxes)])
     for lo, hi in ((0, 16), (16, 24), (24, 32), (32, 48), (48, px)):
         m = (sides >= lo) & (sides < hi)
         if m.any():
