@@ -163,6 +163,9 @@ class TrainConfig:
     object_pose: float = 0.0  # base only: > 0 adds cube poses in the head-pose answer's words (`Locate the red
     # cube and give its pose.` -> `[[box]] yaw:.. pitch:.. roll:..`) to the curriculum at this weight beside
     # tasks.BASE_MIX's (which sum to 1): a base that has written ` yaw:` ` pitch:` ` roll:`, never a head's angle
+    mix: dict[str, float] = field(default_factory=dict)  # base only: the curriculum's task weights (task name
+    # -> weight, e.g. {"box": 0.4, "box_object": 0.2, "orient": 0.2, "colour": 0.1, "count": 0.1}, hpelib.data
+    # .tasks.TASKS); {}: tasks.BASE_MIX. `object_pose` adds its weight beside these
     lora_plus_ratio: float = 1.0  # LoRA only: LoRA's B matrices learn at this many times `lr` (LoRA+, Hayou
     # et al. 2024: B's best step is larger than A's); 1: one learning rate for both, plain LoRA
 
@@ -185,6 +188,10 @@ class TrainConfig:
                and self.object_pose >= 0, "object_pose", self.object_pose, "a number >= 0 (0: no cube poses)")
         _non_negative_int("warmup_steps", self.warmup_steps)
         _non_negative_int("vision_steps", self.vision_steps)
+        _check(isinstance(self.mix, dict) and all(isinstance(k, str) and isinstance(w, (int, float))
+                                                  and not isinstance(w, bool) and w >= 0 for k, w in self.mix.items())
+               and (not self.mix or sum(self.mix.values()) > 0), "mix", self.mix,
+               "{} or task name -> weight >= 0 with a positive sum, e.g. {\"box\": 0.6, \"orient\": 0.4}")
         _check(not self.vision_steps or self.vision_minutes > 0, "vision_steps", self.vision_steps,
                "0 unless vision_minutes > 0: it limits the base's vision stage, which adapters never have")
         _check(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0, "weight_decay",
@@ -350,6 +357,8 @@ class Config:
         _check(self.lora.train.object_pose == 0, "lora.train.object_pose", self.lora.train.object_pose,
                "0: it weighs a task of the base curriculum (base.object_pose); an adapter's mix is set by "
                "its rehearsal ratio")
+        _check(not self.lora.train.mix, "lora.train.mix", self.lora.train.mix,
+               "{}: it weighs the base curriculum's tasks (base.mix); an adapter's mix is set by its rehearsal ratio")
         _non_negative_int("seed", self.seed)
         _check(self.angle_decimals in (0, 1, 2), "angle_decimals", self.angle_decimals, "0, 1 or 2")
 

@@ -513,6 +513,7 @@ def base_key(config: Config) -> str:
     base = dataclasses.asdict(config.base)
     del base["prefetch"], base["prefetch_workers"]  # how the batches are made, not which: the same base either way
     del base["lora_plus_ratio"]  # always 1 for a base (Config checks it): no LoRA there
+    del base["mix"]  # the curriculum's weights are the payload's "mix", however they were set
     for name, unset in ADDED_BASE_FIELDS.items():  # fields added after bases were cached: in the key only when set
         if base[name] == unset:
             del base[name]
@@ -522,7 +523,7 @@ def base_key(config: Config) -> str:
     del model["tiny_spec"]  # in `spec` above, where a TinySpec field means the same however it was set
     payload = {"model": model, "base": base,
                "image_size": config.data.image_size, "domain": config.data.train_domain, "seed": config.seed,
-               "mix": tasks.BASE_MIX, "spec": spec, "version": BASE_VERSION,
+               "mix": tasks.curriculum(config.base.mix), "spec": spec, "version": BASE_VERSION,
                # the tiny tokenizer is built from the task corpus: new words are a new base
                "corpus": hashlib.sha256("\n".join(tasks.corpus()).encode()).hexdigest()[:12]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -536,7 +537,7 @@ def base_cache_dir(config: Config) -> Path:
 def base_eval_set(config: Config, n: int | None = None, object_pose: bool = True) -> list[Sample]:
     """Held-out grounding samples (heads and objects) of the training domain, and, when the
     curriculum has them (`base.object_pose`) and `object_pose` is true, cube poses (`pose_object`)."""
-    mix = tasks.base_mix(config.base.object_pose)
+    mix = tasks.base_mix(config.base.object_pose, config.base.mix)
     names = BASE_EVAL_TASKS + tuple(t for t in ("box_part", "pose_object") if mix.get(t)
                                     and (object_pose or t != "pose_object"))
     return tasks.eval_set(make_renderer(config), names, n or config.base.eval_samples, seed=config.seed,
@@ -626,7 +627,8 @@ def fit_base(config: Config, progress: bool = True) -> None:
         _vision_stage(config, backend, cache / "training" / VISION_DIR, progress)
         if config.base.freeze_vision:
             freeze_tower(backend)
-    stream = tasks.SampleStream(make_renderer(config), tasks.base_mix(config.base.object_pose),
+    mix = tasks.base_mix(config.base.object_pose, config.base.mix)
+    stream = tasks.SampleStream(make_renderer(config), mix,
                                 per_process_batch(config.base, "base"), seed=config.seed, decimals=config.angle_decimals)
     history = fit(backend, stream, base_eval_set(config), config.base, cache / "training", desc="base",
                   progress=progress)

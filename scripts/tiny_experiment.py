@@ -42,13 +42,11 @@ def main() -> None:
                    'e.g. \'{"number_code": 0.3}\'')
     p.add_argument("--train-domain", help='JSON synth-train DomainSpec fields, e.g. \'{"n_objects": [1, 1]}\'; the '
                    "base is then cached under the experiment's own data folder, not data/cache")
-    p.add_argument("--base-mix", help='JSON task weights replacing tasks.BASE_MIX, e.g. \'{"box": 0.5, "box_part": 0.25}\'')
+    p.add_argument("--base-mix", help='JSON task weights replacing tasks.BASE_MIX, e.g. \'{"box": 0.5, "box_part": 0.25}\' '
+                   "(the same as --set base.mix=...)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.base_mix:
-        tasks.BASE_MIX.clear()
-        tasks.BASE_MIX.update(json.loads(a.base_mix))
     if a.train_domain:  # the cache key knows the domain by name only: keep this base out of data/cache
         import os
 
@@ -62,6 +60,8 @@ def main() -> None:
     overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     if a.spec:  # the same as `--set model.tiny_spec=...`: the base built and its cache key take these fields
         overrides["model.tiny_spec"] = json.loads(a.spec)
+    if a.base_mix:  # the same as `--set base.mix=...`: the curriculum's weights, in the base's key
+        overrides["base.mix"] = json.loads(a.base_mix)
     config = make_config(a.profile, overrides)
     out = paths.runs_dir() / "experiments" / a.name
     t0 = time.time()

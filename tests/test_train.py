@@ -152,6 +152,31 @@ def test_base_mix_adds_object_poses_only_when_asked_and_never_a_heads():
     assert not any(s.task == "hpe" or s.prompt == prompts.HPE_PROMPT for s in batch)
 
 
+def test_the_curriculum_weights_are_a_base_parameter_in_its_key():
+    """`base.mix` replaces `tasks.BASE_MIX` (the batches follow it, `object_pose` beside it); the
+    weights are the key's, however set: BASE_MIX written out is the default's base, another mix a
+    new one, and unknown tasks, head pose, cube poses and an adapter's mix are refused by name."""
+    objects = {"box": 0.4, "box_object": 0.2, "orient": 0.2, "colour": 0.1, "count": 0.1}  # OA
+    assert tasks.base_mix(0.1, objects) == {**objects, "pose_object": 0.1}
+    assert tasks.base_mix(0.0, {}) == tasks.BASE_MIX
+    batch = tasks.SampleStream(FakeRenderer(), tasks.base_mix(0.0, {"box_object": 1.0, "count": 1.0}),
+                               batch_size=16).batch(0)
+    assert sorted(s.task for s in batch) == ["box"] * 8 + ["count"] * 8  # box_object samples are "box" tasks
+    assert all(s.meta["target_kind"] == "object" for s in batch if s.task == "box")
+    default = train.base_key(make_config("default"))
+    assert train.base_key(make_config("default", {"base.mix": dict(tasks.BASE_MIX)})) == default
+    assert train.base_key(make_config("default", {"base.mix": objects})) != default
+    for bad, match in (({"hpe": 1.0}, "base.mix names \\['hpe'\\]"), ({"pose_object": 1.0}, "base.object_pose"),
+                       ({"boxes": 1.0}, "box_object")):
+        with pytest.raises(ValueError, match=match):
+            train.base_key(make_config("default", {"base.mix": bad}))
+    for bad in ({"box": -1.0}, {"box": 0.0}, ["box"]):
+        with pytest.raises(ValueError, match="base.mix"):
+            make_config("default", {"base.mix": bad})
+    with pytest.raises(ValueError, match="lora.train.mix"):
+        make_config("default", {"lora.train.mix": objects})
+
+
 def test_object_pose_is_a_base_parameter_refused_for_adapters():
     with pytest.raises(ValueError, match="object_pose"):
         make_config("smoke", {"base.object_pose": -1})

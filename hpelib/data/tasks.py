@@ -234,12 +234,27 @@ TASKS: dict[str, Callable[..., Sample | None]] = {
 BASE_MIX = {"box": 0.6, "orient": 0.2, "colour": 0.1, "count": 0.1}
 
 
-def base_mix(object_pose: float = 0.0) -> dict[str, float]:
-    """The base curriculum: `BASE_MIX`, plus `object_pose` (a weight beside its weights, which sum
-    to 1) of cube poses in the head-pose answer's words (`task_pose_object`) when it is > 0."""
+def curriculum(mix: dict[str, float] | None = None) -> dict[str, float]:
+    """The base curriculum's task weights: `mix` (`base.mix`) or, when it is empty, `BASE_MIX`.
+    A base never sees head pose (`hpe`), and cube poses have their own weight (`base.object_pose`)."""
+    if not mix:
+        return dict(BASE_MIX)
+    allowed = sorted(set(TASKS) - {"hpe", "pose_object"})
+    unknown = sorted(set(mix) - set(allowed))
+    if unknown:
+        raise ValueError(f"base.mix names {unknown}; expected tasks from {allowed} (a base is never taught "
+                         f"head pose, and cube poses are weighed by base.object_pose)")
+    return {k: float(w) for k, w in mix.items()}
+
+
+def base_mix(object_pose: float = 0.0, mix: dict[str, float] | None = None) -> dict[str, float]:
+    """The base curriculum (`curriculum(mix)`), plus `object_pose` (a weight beside its weights, which
+    sum to 1 in `BASE_MIX`) of cube poses in the head-pose answer's words (`task_pose_object`) when
+    it is > 0."""
     if not (isinstance(object_pose, (int, float)) and object_pose >= 0):
         raise ValueError(f"object_pose must be a number >= 0, got {object_pose!r}")
-    return {**BASE_MIX, "pose_object": float(object_pose)} if object_pose > 0 else dict(BASE_MIX)
+    weights = curriculum(mix)
+    return {**weights, "pose_object": float(object_pose)} if object_pose > 0 else weights
 
 
 def lora_mix(rehearsal_ratio: float) -> dict[str, float]:
