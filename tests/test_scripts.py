@@ -81,6 +81,26 @@ def test_read_out_and_capacity_scripts_run_on_a_micro_base(tmp_path, data_dir, r
     assert trained["stem"] - trained["plain"] == (3 + 8 + 8 + 8) * 9 * 8 + (8 + 8 + 8 + 16) * 8
 
 
+def test_object_scripts_run_on_a_micro_base(tmp_path, data_dir, monkeypatch, capsys, one_thread):
+    """`object_answers.py` sorts a base's object answers (and by the object's size) and
+    `object_attention.py` prints, per decoder layer, how often the answer attends to the target's
+    cell (docs/tiny_backend.md, "A tower trained twice as long")."""
+    from hpelib.backends.tiny import TinyBackend
+    from hpelib.config import make_config
+
+    TinyBackend.build(make_config("default"), spec=_micro(), seed=0).save(tmp_path / "base")
+    _run("object_answers.py", [str(tmp_path / "base"), "--n", "6"], monkeypatch)
+    out = capsys.readouterr().out
+    sizes = [ln for ln in out.splitlines() if ln.startswith("objects ")]
+    assert sizes and sum(int(ln.split(":")[1].split(",")[0]) for ln in sizes) == 6  # every prompt in one size bin
+    _run("object_attention.py", [str(tmp_path / "base"), "--n", "4"], monkeypatch)
+    lines = capsys.readouterr().out.splitlines()
+    layers = [ln for ln in lines if ln.strip().startswith("layer ")]
+    assert [ln.split(":")[0] for ln in lines if not ln.startswith(" ")] == ["head", "object"]
+    assert len(layers) == 2 * _micro().layers
+    assert all(0 <= float(ln.split()[-1]) <= 1 for ln in layers)  # the attention share of the target's cell
+
+
 def test_tiny_experiment_trains_an_adapter_or_every_weight_of_a_saved_base(tmp_path, data_dir, run_root, monkeypatch,
                                                                            one_thread):
     """`tiny_experiment.py lora [--full]` (G1 in docs/tiny_backend.md): the same mix and settings, a
