@@ -637,7 +637,7 @@ def fit_base(config: Config, progress: bool = True) -> None:
         final = {k: v for k, v in history.iloc[-1].items() if isinstance(v, (int, float)) and np.isfinite(v)}
         io.write_json(cache / DONE, {"key": base_key(config), "steps": int(history["step"].iloc[-1]),
                                      "processes": world, "minutes": float(history["elapsed_s"].iloc[-1]) / 60,
-                                     "final": final})
+                                     "device": device_name(backend.device), "final": final})
 
 
 VISION_WARMUP = 50
@@ -755,6 +755,15 @@ def resolve_device(config: Config) -> torch.device:
     return torch.device(config.model.device)
 
 
+def device_name(device: torch.device | str) -> str:
+    """Where a training ran, for its metrics: `cpu`, or `cuda:0 (NVIDIA H200)`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 def base_model_dir(config: Config) -> Path:
     """The saved base model of `config` (after `train_base`)."""
     return base_cache_dir(config) / "model"
@@ -809,7 +818,7 @@ def train_lora(config: Config, base_dir: str | os.PathLike, adapter_name: str, r
         save_adapter(backend.model, adapter_name, out)
         final = {k: v for k, v in history.iloc[-1].items() if isinstance(v, (int, float)) and np.isfinite(v)}
         io.write_json(out / "metrics.json", {"adapter": adapter_name, "rehearsal_ratio": rehearsal_ratio,
-                                             "steps": int(history["step"].iloc[-1]),
+                                             "device": device_name(backend.device), "steps": int(history["step"].iloc[-1]),
                                              "minutes": float(history["elapsed_s"].iloc[-1]) / 60, **final})
         for name in (HISTORY_CSV, LOSS_PNG):
             if (out / "training" / name).exists():

@@ -295,6 +295,8 @@ def test_lora_stage_saves_a_peft_adapter(tmp_path, monkeypatch):
     out = tmp_path / "adapter"
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert history["step"].tolist() == [1, 2]
+    where = train.io.read_json(out / "metrics.json")["device"]  # where it trained: cpu, or cuda:0 (its name)
+    assert where == train.device_name(train.resolve_device(config)) and train.device_name("cpu") == "cpu"
     from peft import PeftModel
 
     reloaded = PeftModel.from_pretrained(TinyBackend.load(tmp_path / "base").model, out)
@@ -338,6 +340,7 @@ def test_smoke_profile_trains_base_and_lora(tmp_path, monkeypatch):
     config = make_config("smoke")
     backend, history = train.train_base(config, tmp_path / "run" / "base", progress=False)
     assert (tmp_path / "run" / "base" / "base.json").exists()
+    assert train.io.read_json(train.base_cache_dir(config) / train.DONE)["device"] == train.device_name(backend.device)
     again, _ = train.train_base(config, progress=False)  # cached: loads, does not train
     torch.testing.assert_close(next(iter(again.model.parameters())), next(iter(backend.model.parameters())))
     _, lh = train.train_lora(config, train.base_model_dir(config), "hpe", 0.0, tmp_path / "run" / "adapters" / "hpe",
@@ -469,7 +472,8 @@ def test_vision_pretraining_trains_the_tower_before_the_curriculum(tmp_path):
     _, history = train.train_base(config, tmp_path / "run" / "base", progress=False)
     vision = train.base_cache_dir(config) / "training" / train.VISION_DIR
     assert train.vision_history(tmp_path / "run" / "base")["step"].tolist() == [1, 2, 3, 4]
-    assert train.io.read_json(tmp_path / "run" / "base" / "base.json")["vision"]["steps"] == 4
+    base_json = train.io.read_json(tmp_path / "run" / "base" / "base.json")
+    assert base_json["vision"]["steps"] == 4 and base_json["device"] == train.device_name(train.resolve_device(config))
     assert history["step"].tolist() == [1, 2, 3]
     vh = pd.read_csv(vision / train.HISTORY_CSV)
     assert vh["step"].tolist() == [1, 2, 3, 4] and np.isfinite(vh["loss"]).all()
