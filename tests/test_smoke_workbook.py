@@ -141,10 +141,10 @@ def test_wta_adapter_of_04_merge_reloads_in_a_fresh_process_with_the_same_logits
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_whole_workbook_runs_on_a_tiny_qwen2_vl_by_parameters_only(tmp_path, monkeypatch, head_assets):
-    """The hub path end to end: only model.backend / model.model_id change (a tiny random
-    Qwen2-VL saved like a hub checkpoint stands in for real weights, which cannot be downloaded)."""
+def _run_workbook(tmp_path, monkeypatch, head_assets, name: str, *params: str, qwen: bool = False):
+    """The whole workbook with the `smoke` profile and `params` (`-p key value` pairs), in `tmp_path`;
+    `qwen`: on a tiny random Qwen2-VL saved like a hub checkpoint (real weights cannot be downloaded).
+    Returns the run folder after checking that it finished with the merged adapter's metrics."""
     import os
 
     from hpelib import prompts
@@ -154,12 +154,38 @@ def test_whole_workbook_runs_on_a_tiny_qwen2_vl_by_parameters_only(tmp_path, mon
     monkeypatch.setenv("HPE_RUNS_DIR", str(tmp_path / "runs"))
     (tmp_path / "data" / "assets").mkdir(parents=True)
     os.symlink(head_assets, tmp_path / "data" / "assets" / "menpo3d")
-    corpus = [prompts.HPE_PROMPT, prompts.grounding_prompt("head"),
-              "Where is the red green blue yellow purple orange white cyan cube sphere cone cylinder torus ?"]
-    model_dir = write_tiny_checkpoint(tmp_path / "tiny-qwen2-vl", corpus)
-    rc = main(["run", "--profile", "smoke", "--name", "qwen", "--no-progress",
-               "-p", "model.backend", "qwen2_vl", "-p", "model.model_id", str(model_dir)])
-    assert rc == 0
-    metrics = json.loads((tmp_path / "runs" / "qwen" / paths.METRICS).read_text())
-    assert "wta_cosine@0.9999/synth-aflw/valid_rate" in metrics
-    assert (tmp_path / "runs" / "qwen" / paths.ADAPTERS_DIR / "hpe_rehearsal" / "adapter_model.safetensors").is_file()
+    if qwen:
+        corpus = [prompts.HPE_PROMPT, prompts.grounding_prompt("head"),
+                  "Where is the red green blue yellow purple orange white cyan cube sphere cone cylinder torus ?"]
+        model_dir = write_tiny_checkpoint(tmp_path / "tiny-qwen2-vl", corpus)
+        params = ("model.backend", "qwen2_vl", "model.model_id", str(model_dir), *params)
+    flags = [arg for key, value in zip(params[::2], params[1::2]) for arg in ("-p", key, value)]
+    assert main(["run", "--profile", "smoke", "--name", name, "--no-progress", *flags]) == 0
+    run = tmp_path / "runs" / name
+    assert "wta_cosine@0.9999/synth-aflw/valid_rate" in json.loads((run / paths.METRICS).read_text())
+    assert (run / paths.ADAPTERS_DIR / "hpe_rehearsal" / "adapter_model.safetensors").is_file()
+    return run
+
+
+@pytest.mark.slow
+def test_whole_workbook_runs_on_a_tiny_qwen2_vl_by_parameters_only(tmp_path, monkeypatch, head_assets):
+    """The hub path end to end: only model.backend / model.model_id change."""
+    _run_workbook(tmp_path, monkeypatch, head_assets, "qwen", qwen=True)
+
+
+# The `gpu` profile's device settings: bf16 weights on the GPU, gradient checkpointing, one adapter
+# and one evaluation at a time (its sizes are a real model's; the smoke profile's are kept)
+GPU_SETTINGS = ("model.device", "cuda", "model.dtype", "bfloat16", "model.gradient_checkpointing", "true",
+                "lora.workers", "1", "eval.workers", "1")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qwen", [True, False], ids=["qwen2_vl", "tiny"])
+def test_whole_workbook_runs_on_a_gpu_with_the_gpu_profiles_settings(tmp_path, monkeypatch, head_assets, qwen):
+    """Every notebook on a CUDA device: the hub path (a tiny Qwen2-VL) in bf16 as the `gpu` profile
+    runs it, and the embedded default's base and adapters; each adapter says where it trained."""
+    settings = GPU_SETTINGS if qwen else ("model.device", "cuda", "lora.workers", "1", "eval.workers", "1")
+    run = _run_workbook(tmp_path, monkeypatch, head_assets, "gpu", *settings, qwen=qwen)
+    for adapter in make_config("smoke").lora.adapters:
+        trained = json.loads((run / paths.ADAPTERS_DIR / adapter / "metrics.json").read_text())
+        assert trained["device"].startswith("cuda"), trained["device"]
