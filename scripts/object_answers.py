@@ -1,6 +1,6 @@
 """Where does a tiny base's box go when asked for an object? Binding versus localisation.
 
-    python scripts/object_answers.py data/cache/base-<key>/model [--n 200]
+    python scripts/object_answers.py data/cache/base-<key>/model [--n 200] [--device cuda]
 
 Renders `n` held-out synth-train scenes with at least one uniquely named object, asks for one of
 them (`Where is the red cube?`) and sorts each answer by the box it overlaps best (IoU >= 0.5):
@@ -27,6 +27,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("base_dir")
     p.add_argument("--n", type=int, default=200)
+    p.add_argument("--device", default="cpu", help="where the base answers: cpu, cuda or auto")
     a = p.parse_args()
     config = make_config("default")
     renderer = train.make_renderer(config)
@@ -42,7 +43,7 @@ def main() -> None:
         samples.append(sample)
         other_objects.append([o["box"] for o in tasks.scene_objects(scene) if o["name"] != sample.meta["target"]])
         heads.append(tasks.head_box(scene))
-    answers = evaluate.generate_answers(TinyBackend.load(a.base_dir), samples, batch_size=50)
+    answers = evaluate.generate_answers(TinyBackend.load(a.base_dir, device=a.device), samples, batch_size=50)
     kinds = collections.Counter()
     for sample, answer, others, head in zip(samples, answers, other_objects, heads):
         box = prompts.parse_response(answer).box

@@ -67,7 +67,9 @@ def test_tokenizer_covers_every_prompt():
     tok = build_tokenizer(tasks.corpus())
     # the object-pose prompts are left out of the corpus (their words are all in it): check them too
     poses = [prompts.pose_prompt(f"{c} {s}") for c in tasks.COLOUR_WORDS for s in tasks.SHAPE_WORDS]
-    for text in tasks.corpus() + poses:
+    # likewise the object list's prompt, and its answers: names and boxes
+    lists = [tasks.LIST_PROMPT, "red cube [[100,300,200,400]] blue torus [[500,100,600,200]]"]
+    for text in tasks.corpus() + poses + lists:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.unk_token_id not in ids and tok.decode(ids) == text, text
 

@@ -152,6 +152,18 @@ def test_base_mix_adds_object_poses_only_when_asked_and_never_a_heads():
     assert not any(s.task == "hpe" or s.prompt == prompts.HPE_PROMPT for s in batch)
 
 
+def test_the_object_list_names_and_boxes_every_object_left_to_right_and_mirrors():
+    scene = FakeRenderer().render(np.random.default_rng(0))  # a red cube on the right, a blue cone on the left
+    sample = tasks.task_box_list(scene, np.random.default_rng(1))
+    assert (sample.task, sample.prompt) == ("box_list", "Locate the objects.")
+    assert sample.answer == "blue cone [[100,700,200,900]] red cube [[600,600,800,800]]"
+    mirrored = tasks.task_box_list(tasks.mirror_scene(scene), np.random.default_rng(1))
+    assert mirrored.answer == "red cube [[200,600,400,800]] blue cone [[800,700,900,900]]"
+    assert tasks.task_box_list(SimpleNamespace(image=scene.image, objects=[]), np.random.default_rng(1)) is None
+    batch = tasks.SampleStream(FakeRenderer(), tasks.base_mix(0.0, {"box_list": 0.5, "count": 0.5}), 8).batch(0)
+    assert sorted(s.task for s in batch) == ["box_list"] * 4 + ["count"] * 4
+
+
 def test_the_curriculum_weights_are_a_base_parameter_in_its_key():
     """`base.mix` replaces `tasks.BASE_MIX` (the batches follow it, `object_pose` beside it); the
     weights are the key's, however set: BASE_MIX written out is the default's base, another mix a

@@ -8,7 +8,8 @@ Tasks (each a function `scene, rng, decimals -> Sample | None`):
 - base curriculum (general visual features, never head pose): `orient` (the axis direction of a
   rigid object, as two angles), `colour` (the colour of the object of a shape), `count` (how many
   objects), `shape` (which shape has a colour); `pose_object` (a cube's box and its yaw, pitch
-  and roll in the head-pose answer's words, `base.object_pose`).
+  and roll in the head-pose answer's words, `base.object_pose`); `box_list` (`Locate the objects.`
+  -> every object named and boxed, left to right).
 
 A `TaskMix` draws whole batches: each batch holds each task in proportion to its weight
 (largest-remainder rounding, so `{"hpe": 0.8, "box": 0.2}` at batch 32 is always 26 + 6), and
@@ -104,6 +105,20 @@ def task_box_object(scene, rng, decimals: int = 0) -> Sample | None:
         return None
     o = objs[rng.integers(len(objs))]
     return _box_sample(scene, o["name"], o["box"], "object")
+
+
+LIST_PROMPT = "Locate the objects."  # every word already in the corpus: the tokenizer stays the same
+
+
+def task_box_list(scene, rng, decimals: int = 0) -> Sample | None:
+    """`Locate the objects.` -> `red cube [[..]] blue cone [[..]]`: every object of the scene, left to
+    right, each named and then boxed (as a grounded caption). Each sample asks for the box of every
+    object after its name, where `box_object` asks for one; the head is not listed."""
+    objs = sorted(scene_objects(scene), key=lambda o: (o["box"][0] + o["box"][2], o["box"][1]))
+    if not objs:
+        return None
+    return Sample(_get(scene, "image"), LIST_PROMPT, " ".join(f"{o['name']} {prompts.format_box(o['box'])}" for o in objs),
+                  "box_list", _meta(scene, boxes=[o["box"] for o in objs], targets=[o["name"] for o in objs]))
 
 
 def task_part(scene, rng, decimals: int = 0) -> Sample | None:
@@ -223,6 +238,7 @@ TASKS: dict[str, Callable[..., Sample | None]] = {
     "box_head": task_box_head,
     "box_object": task_box_object,
     "box_part": task_part,
+    "box_list": task_box_list,
     "orient": task_orient,
     "pose_object": task_pose_object,
     "colour": task_colour,
