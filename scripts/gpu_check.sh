@@ -41,7 +41,7 @@ if [ -n "${CURRICULA:-}" ]; then  # experiments beside the checks (scripts/gpu_c
 fi
 
 t0=$(date +%s)
-$PYTHON -m pytest -q -rA -p no:cacheprovider -m gpu tests --junitxml="$OUT/gpu.xml"
+timeout "${GPU_S:-330}" $PYTHON -m pytest -q -rA -p no:cacheprovider -m gpu tests --junitxml="$OUT/gpu.xml"
 echo "gpu tests: rc $? in $(( $(date +%s) - t0 )) s"
 
 # the default selection (not slow, not gpu), 8 files at a time where pytest-xdist is installed
