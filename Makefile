@@ -15,7 +15,7 @@ EGL_DEBS := libegl1 libegl-mesa0 libgl1-mesa-dri
 # took 20-28 s against 2.4-3.4 s (docs/tiny_backend.md). Set it yourself to override.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: system-deps setup peers workbook smoke test test-slow lab readme bench clean-runs help
+.PHONY: system-deps setup peers workbook smoke test test-slow test-gpu lab readme bench clean-runs help
 
 help:
 	@sed -n '2,5p' Makefile
@@ -58,6 +58,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow
+
+# the checks that need a CUDA device (the default tier hides a GPU, so it checks what CI checks)
+test-gpu: setup
+	$(PY) -m pytest -m gpu -rA
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

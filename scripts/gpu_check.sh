@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, on a lent GPU machine (README "Tests"): the tests marked `gpu` (every
 # notebook on a CUDA device, the hub path in bf16 as the `gpu` profile runs it), then the default
-# test suite on a machine where CUDA is present (`model.device = "auto"` then picks the GPU).
+# test suite with the GPU visible (HPE_TEST_CUDA=1; `model.device = "auto"` then picks it).
 #
 # That machine has its own python3 with a CUDA torch and no package index; carry (the device tool's
 # `carry`): .whl (this project's transformers / peft and the Jupyter packages its image lacks, as
@@ -49,7 +49,10 @@ par=()
 $PYTHON -c "import xdist" 2>/dev/null && par=(-n 8 --dist loadfile)
 if [ "$SUITE_S" -gt 0 ]; then
     t0=$(date +%s)
-    timeout "$SUITE_S" $PYTHON -m pytest -q -p no:cacheprovider "${par[@]}" tests --junitxml="$OUT/suite.xml"
+    # HPE_TEST_CUDA=1: the default tier keeps the GPU (tests/conftest.py hides it otherwise); -v names
+    # each result as it comes, so a run cut short by the time limit still says which failed
+    HPE_TEST_CUDA=1 timeout "$SUITE_S" $PYTHON -m pytest -v -p no:cacheprovider "${par[@]}" tests \
+        --junitxml="$OUT/suite.xml" | grep -E "FAILED|ERROR|passed|failed" 
     echo "default suite: rc $? in $(( $(date +%s) - t0 )) s"
 fi
 [ -n "$cur" ] && wait "$cur"

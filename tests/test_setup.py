@@ -1,9 +1,13 @@
 """The project's own set-up files agree with each other."""
 
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,3 +37,14 @@ def test_ci_runs_make_test_and_nothing_else():
     lines = [ln for ln in (ROOT / ".ci/run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert lines[-1].strip() == "make test"
     assert not any(ln.strip().startswith(("pytest", "python", "pip")) for ln in lines)
+
+
+def test_the_default_tier_hides_a_gpu_from_itself_and_the_processes_it_starts():
+    """tests/conftest.py: the selection CI runs checks the CPU path on any machine (`make test-gpu`
+    runs the tests marked `gpu`)."""
+    if os.environ.get("HPE_TEST_CUDA") == "1":
+        pytest.skip("HPE_TEST_CUDA=1 keeps the GPU visible to the default tier")
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+    child = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == "False"
