@@ -14,22 +14,8 @@ OUT=${OUT:-/tmp}
 SUITE_S=${SUITE_S:-330}  # the whole suite's time limit (0: not run); the gpu tests come first
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 
-PYTHON=python3
-if [ -z "${LOCAL:-}" ]; then
-    for f in .gl/*.deb; do dpkg -x "$f" /; done
-    ldconfig
-    # this project never imports torchvision (it does not import beside the pinned torch here)
-    python3 -m pip uninstall -y -q torchvision
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || exit 2
-    export PYTHONPATH=/tmp/site:$PWD
-    vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
-    [ -f "$vendor" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
-    nvidia-smi -L
-else
-    PYTHON=.venv/bin/python
-fi
-export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=2
+source scripts/gpu_env.sh
+export OMP_NUM_THREADS=2
 $PYTHON -c "import torch, transformers, peft, papermill; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       torch.cuda.is_available() and torch.cuda.get_device_name(0), '| transformers', transformers.__version__,
       '| peft', peft.__version__, '| papermill', papermill.__version__)" || exit 3

@@ -19,23 +19,8 @@ DEVICE=${DEVICE:-cuda}  # DEVICE=cpu LOCAL=1 STEPS=4: a dry run of this script h
 LOG=${OUT:-/tmp}/log.txt
 exec > >(tee -a "$LOG") 2>&1
 
-PYTHON=python3
-if [ -z "${LOCAL:-}" ]; then
-    for f in .gl/*.deb; do dpkg -x "$f" /; done
-    ldconfig
-    # G1 / G2 ran so: transformers then resolved its torchvision image processor, which encode's arrays
-    # broke; TinyBackend.load now keeps the numpy one either way, and the project never imports torchvision
-    python3 -m pip uninstall -y -q torchvision
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || exit 2
-    export PYTHONPATH=/tmp/site:$PWD
-    vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
-    [ -f "$vendor" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
-    nvidia-smi -L
-else
-    PYTHON=.venv/bin/python
-fi
-export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE TQDM_MININTERVAL=20 DEVICE
+source scripts/gpu_env.sh
+export TQDM_MININTERVAL=20 DEVICE
 
 # a quick check first: one scene rendered, one step of each base on the GPU
 [ -n "${SKIP_CHECK:-}" ] || $PYTHON - <<'EOF' || exit 3
