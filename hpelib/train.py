@@ -818,7 +818,8 @@ def train_lora(config: Config, base_dir: str | os.PathLike, adapter_name: str, r
         save_adapter(backend.model, adapter_name, out)
         final = {k: v for k, v in history.iloc[-1].items() if isinstance(v, (int, float)) and np.isfinite(v)}
         io.write_json(out / "metrics.json", {"adapter": adapter_name, "rehearsal_ratio": rehearsal_ratio,
-                                             "device": device_name(backend.device), "steps": int(history["step"].iloc[-1]),
+                                             "device": device_name(backend.device),
+                                             "steps": int(history["step"].iloc[-1]),
                                              "minutes": float(history["elapsed_s"].iloc[-1]) / 60, **final})
         for name in (HISTORY_CSV, LOSS_PNG):
             if (out / "training" / name).exists():

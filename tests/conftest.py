@@ -17,10 +17,11 @@ from hpelib.data import assets
 def pytest_configure(config):
     """The default selection (`not slow and not gpu`, what CI runs) is the CPU suite: on a machine
     with a GPU it hides the GPU (`CUDA_VISIBLE_DEVICES=""`, before torch looks, and for every
-    process a test starts), so `make test` there checks what CI checks, where `model.device = "auto"`
-    would otherwise move many tests onto the GPU (17 of them failed so on an H200, where the gpu-marked
-    tests passed: docs/tiny_backend.md, "A lent GPU"). A selection that asks for the `gpu` marker
-    (`make test-gpu`) keeps it; so does `HPE_TEST_CUDA=1` (the whole suite on the GPU)."""
+    process a test starts), so `make test` there checks what CI checks, where `model.device =
+    "auto"` would otherwise move many tests onto the GPU (17 of them failed so on an H200, where the
+    gpu-marked tests passed: docs/tiny_backend.md, "Objects listed, and a lent GPU"). A selection
+    that asks for the `gpu` marker (`make test-gpu`) keeps it; so does `HPE_TEST_CUDA=1` (the whole
+    suite on the GPU)."""
     wants_gpu = re.search(r"(?<!not )\bgpu\b", config.option.markexpr or "")
     if not wants_gpu and os.environ.get("HPE_TEST_CUDA") != "1":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""

@@ -176,8 +176,9 @@ def test_the_curriculum_weights_are_a_base_parameter_in_its_key():
     assert sorted(s.task for s in batch) == ["box"] * 8 + ["count"] * 8  # box_object samples are "box" tasks
     assert all(s.meta["target_kind"] == "object" for s in batch if s.task == "box")
     default = train.base_key(make_config("default"))  # the objects listed (LA) since the sixteenth session
-    assert train.base_key(make_config("default", {"base.mix": objects})) == "75f0bce0c236" != default  # OA's cached base
-    vs1 = train.base_key(make_config("default", {"base.mix": {}}))  # {}: tasks.BASE_MIX, the base before it
+    oa = train.base_key(make_config("default", {"base.mix": objects}))
+    assert oa == "75f0bce0c236" != default  # OA's cached base
+    vs1 = train.base_key(make_config("default", {"base.mix": {}}))  # {}: tasks.BASE_MIX, the base before OA
     assert train.base_key(make_config("default", {"base.mix": dict(tasks.BASE_MIX)})) == vs1 == "99826dc8a04a" != default
     for bad, match in (({"hpe": 1.0}, "base.mix names \\['hpe'\\]"), ({"pose_object": 1.0}, "base.object_pose"),
                        ({"boxes": 1.0}, "box_object")):

@@ -117,8 +117,9 @@ def task_box_list(scene, rng, decimals: int = 0) -> Sample | None:
     objs = sorted(scene_objects(scene), key=lambda o: (o["box"][0] + o["box"][2], o["box"][1]))
     if not objs:
         return None
-    return Sample(_get(scene, "image"), LIST_PROMPT, " ".join(f"{o['name']} {prompts.format_box(o['box'])}" for o in objs),
-                  "box_list", _meta(scene, boxes=[o["box"] for o in objs], targets=[o["name"] for o in objs]))
+    answer = " ".join(f"{o['name']} {prompts.format_box(o['box'])}" for o in objs)
+    return Sample(_get(scene, "image"), LIST_PROMPT, answer, "box_list",
+                  _meta(scene, boxes=[o["box"] for o in objs], targets=[o["name"] for o in objs]))
 
 
 def task_part(scene, rng, decimals: int = 0) -> Sample | None:
