@@ -41,24 +41,34 @@ def main() -> None:
         if sample is None:
             continue
         samples.append(sample)
-        other_objects.append([o["box"] for o in tasks.scene_objects(scene) if o["name"] != sample.meta["target"]])
+        other_objects.append([o for o in tasks.scene_objects(scene) if o["name"] != sample.meta["target"]])
         heads.append(tasks.head_box(scene))
     answers = evaluate.generate_answers(TinyBackend.load(a.base_dir, device=a.device), samples, batch_size=50)
-    kinds = collections.Counter()
+    kinds, shared = collections.Counter(), collections.Counter()
     for sample, answer, others, head in zip(samples, answers, other_objects, heads):
         box = prompts.parse_response(answer).box
+        hit = [o for o in others if box is not None and evaluate.box_iou(box, o["box"]) >= 0.5]
         if box is None:
             kinds["no box"] += 1
         elif evaluate.box_iou(box, sample.meta["box"]) >= 0.5:
             kinds["the asked object"] += 1
         elif evaluate.box_iou(box, head) >= 0.5:
             kinds["the head"] += 1
-        elif any(evaluate.box_iou(box, o) >= 0.5 for o in others):
+        elif hit:
             kinds["another object"] += 1
+            colour, shape = sample.meta["target"].split()
+            shared["its colour" if hit[0]["colour"] == colour else "its shape" if hit[0]["shape"] == shape
+                   else "neither"] += 1
         else:
             kinds["nothing (IoU < 0.5 with every box)"] += 1
     for kind, count in kinds.most_common():
         print(f"{kind:36s} {count:4d}  {count / len(samples):5.0%}")
+    # binding: does the other object share the asked one's colour (the shape word unread) or its shape?
+    print("another object sharing the asked one's " + ", ".join(f"{k}: {v}" for k, v in shared.most_common()))
+    # how often could the colour alone have told them apart?
+    unique = sum(sum(o["colour"] == s.meta["target"].split()[0] for o in others) == 0
+                 for s, others in zip(samples, other_objects))
+    print(f"prompts whose object is the only one of its colour in the scene: {unique / len(samples):.0%}")
     # coarser: is the answer's centre inside the asked object's box (found, but a poor box)?
     centred = sum(_centre_inside(prompts.parse_response(ans).box, s.meta["box"]) for s, ans in zip(samples, answers))
     print(f"answer's centre inside the asked object's box: {centred / len(samples):.0%}; "
