@@ -296,6 +296,15 @@ def test_a_conv_stem_spec_without_its_weights_is_refused_naming_the_file(config,
         TinyBackend.load(path)
 
 
+def test_a_saved_spec_this_code_does_not_know_is_refused_naming_the_file(config, tmp_path):
+    path = TinyBackend.build(config, spec=MICRO, seed=0).save(tmp_path / "newer")
+    saved = json.loads((path / BACKEND_FILE).read_text())
+    saved["spec"]["text_first"] = True  # a field of a later (or an experiment's) TinySpec
+    (path / BACKEND_FILE).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=re.escape(str(path / BACKEND_FILE)) + ".*text_first"):
+        TinyBackend.load(path)
+
+
 def test_tiny_spec_refuses_an_unknown_stem_and_wrong_stem_widths():
     with pytest.raises(ValueError, match="stem must be one of"):
         TinySpec(stem="cnn")

@@ -313,7 +313,7 @@ class TinyBackend(Qwen2VLBackend):
         path = Path(path)
         if not (path / BACKEND_FILE).exists():
             raise FileNotFoundError(f"{path}: no {BACKEND_FILE}; not a saved tiny backend")
-        spec = TinySpec(**json.loads((path / BACKEND_FILE).read_text())["spec"])
+        spec = spec_from_fields(json.loads((path / BACKEND_FILE).read_text())["spec"], str(path / BACKEND_FILE))
         if spec.stem == "conv":  # not a layer transformers knows: the model is built, then its weights loaded
             model = _load_with_stem(path, spec, hub.resolve_device(device))
         else:
