@@ -175,11 +175,13 @@ def test_the_curriculum_weights_are_a_base_parameter_in_its_key():
                                batch_size=16).batch(0)
     assert sorted(s.task for s in batch) == ["box"] * 8 + ["count"] * 8  # box_object samples are "box" tasks
     assert all(s.meta["target_kind"] == "object" for s in batch if s.task == "box")
-    default = train.base_key(make_config("default"))  # the objects listed (LA) since the sixteenth session
-    oa = train.base_key(make_config("default", {"base.mix": objects}))
+    default = train.base_key(make_config("default"))  # the objects listed (LA), 2000 steps since the seventeenth session
+    steps = {"base.max_steps": 1300}  # the curriculum's length before the seventeenth session
+    assert train.base_key(make_config("default", steps)) == "3877c341fc69" != default  # LA's cached base
+    oa = train.base_key(make_config("default", {**steps, "base.mix": objects}))
     assert oa == "75f0bce0c236" != default  # OA's cached base
-    vs1 = train.base_key(make_config("default", {"base.mix": {}}))  # {}: tasks.BASE_MIX, the base before OA
-    assert train.base_key(make_config("default", {"base.mix": dict(tasks.BASE_MIX)})) == vs1 == "99826dc8a04a" != default
+    vs1 = train.base_key(make_config("default", {**steps, "base.mix": {}}))  # {}: tasks.BASE_MIX, the base before OA
+    assert train.base_key(make_config("default", {**steps, "base.mix": dict(tasks.BASE_MIX)})) == vs1 == "99826dc8a04a"
     for bad, match in (({"hpe": 1.0}, "base.mix names \\['hpe'\\]"), ({"pose_object": 1.0}, "base.object_pose"),
                        ({"boxes": 1.0}, "box_object")):
         with pytest.raises(ValueError, match=match):
@@ -196,7 +198,8 @@ def test_object_pose_is_a_base_parameter_refused_for_adapters():
         make_config("smoke", {"base.object_pose": -1})
     with pytest.raises(ValueError, match="lora.train.object_pose"):
         make_config("smoke", {"lora.train.object_pose": 0.1})
-    op1 = {"base.vision_steps": 0, "base.vision_minutes": 10, "base.mix": {}}  # the default's tower and curriculum before VS1
+    op1 = {"base.vision_steps": 0, "base.vision_minutes": 10, "base.mix": {},  # the default's tower and curriculum before VS1
+           "base.max_steps": 1300}
     assert train.base_key(make_config("default", {**op1, "base.object_pose": 0})) == "96289dffbd1e"  # DC1 alone
     assert train.base_key(make_config("default", op1)) == "f20e59d3c2ca" != "96289dffbd1e"
 
@@ -603,7 +606,7 @@ def test_bf16_autocast_is_a_new_base_and_leaves_cached_bases_keys_alone():
     as they were; a base trained under autocast is a new one. If a deliberate change re-keys every
     base (a new task word, BASE_VERSION), update the two keys here and say so in the commit."""
     assert train.base_key(make_config("quick")) == "cf8ff0410dca"
-    assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == "3877c341fc69"
+    assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == "d589255fb8b1"
     assert train.base_key(make_config("quick", {"base.autocast_bf16": True})) != "cf8ff0410dca"
 
 def test_model_tiny_spec_builds_that_model_and_is_its_base_key(monkeypatch):
@@ -644,18 +647,22 @@ def test_the_pose_profile_reuses_the_base_its_numbers_came_from():
     curriculum since the fourteenth session (`base.object_pose 0.1`, OP1) and its tower trained for 2600
     steps since the fifteenth (`base.vision_steps`, VS1), and since the sixteenth a curriculum (`base.mix`)
     with objects listed (LA; before it objects 40 % of the curriculum, OA, cached by `tiny_experiment.py base
-    --base-mix ...`): the same keys."""
+    --base-mix ...`), 2000 steps of it since the seventeenth (1300 before): the same keys."""
     dc1 = {"model.tiny_spec": {"stem": "conv", "angle_circle": 5}, "base.vision_minutes": 10,
            "base.vision_targets": "dense", "base.freeze_vision": True, "base.minutes": 18}
     op1 = {**dc1, "base.object_pose": 0.1}
     vs1 = {**op1, "base.vision_steps": 2600, "base.vision_minutes": 15}
     la = {"box": 0.4, "box_object": 0.2, "box_list": 0.2, "orient": 0.1, "colour": 0.05, "count": 0.05}
     assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == train.base_key(
-        make_config("quick", {**vs1, "base.mix": la}))
+        make_config("quick", {**vs1, "base.mix": la, "base.max_steps": 2000}))
+    assert train.base_key(make_config("default", {"base.max_steps": 1300})) == train.base_key(
+        make_config("quick", {**vs1, "base.mix": la}))  # `quick`'s base.max_steps: 1300
     oa = {"box": 0.4, "box_object": 0.2, "orient": 0.2, "colour": 0.1, "count": 0.1}
-    assert train.base_key(make_config("default", {"base.mix": oa})) == train.base_key(make_config("quick", {**vs1, "base.mix": oa}))
-    assert train.base_key(make_config("default", {"base.mix": {}})) == train.base_key(make_config("quick", vs1))
-    before = {"base.vision_steps": 0, "base.vision_minutes": 10, "base.mix": {}}
+    steps = {"base.max_steps": 1300}
+    assert train.base_key(make_config("default", {**steps, "base.mix": oa})) == train.base_key(
+        make_config("quick", {**vs1, "base.mix": oa}))
+    assert train.base_key(make_config("default", {**steps, "base.mix": {}})) == train.base_key(make_config("quick", vs1))
+    before = {**steps, "base.vision_steps": 0, "base.vision_minutes": 10, "base.mix": {}}
     assert train.base_key(make_config("default", before)) == train.base_key(make_config("quick", op1))
     assert (train.base_key(make_config("default", {**before, "base.object_pose": 0}))
             == train.base_key(make_config("quick", dc1)))
