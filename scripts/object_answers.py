@@ -1,19 +1,24 @@
 """Where does a tiny base's box go when asked for an object? Binding versus localisation.
 
     python scripts/object_answers.py data/cache/base-<key>/model [--n 200] [--device cuda]
+    python scripts/object_answers.py data/cache/base-<key>/model --tower data/cache/base-<key>/training/vision
 
 Renders `n` held-out synth-train scenes with at least one uniquely named object, asks for one of
 them (`Where is the red cube?`) and sorts each answer by the box it overlaps best (IoU >= 0.5):
 the asked object, another object of the scene, the head, or nothing. Answers on other objects mean
 the model localises objects but does not bind the words to them; answers on nothing mean it does
 not localise them either (the share whose centre falls inside the asked object tells a poor box from
-a wrong place). Last, the Acc@0.5 by the object's size. docs/tiny_backend.md reports what it found.
+a wrong place). Last, the Acc@0.5 by the object's size. `--tower` (a dense vision stage's folder,
+the base's own) splits the answers by what that stage's per-token head says at the asked object's
+cell: whether it marks an object there, and its colour. Misses where the tower found the object
+are the language side's; the others the tower's. docs/tiny_backend.md reports what it found.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+from pathlib import Path
 
 import numpy as np
 
@@ -28,10 +33,11 @@ def main() -> None:
     p.add_argument("base_dir")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--device", default="cpu", help="where the base answers: cpu, cuda or auto")
+    p.add_argument("--tower", help="the base's dense vision stage (data/cache/base-<key>/training/vision)")
     a = p.parse_args()
     config = make_config("default")
     renderer = train.make_renderer(config)
-    samples, other_objects, heads = [], [], []
+    samples, other_objects, heads, scenes = [], [], [], []
     i = 0
     while len(samples) < a.n:
         rng = np.random.default_rng([11, i])
@@ -41,6 +47,7 @@ def main() -> None:
         if sample is None:
             continue
         samples.append(sample)
+        scenes.append(scene)
         other_objects.append([o for o in tasks.scene_objects(scene) if o["name"] != sample.meta["target"]])
         heads.append(tasks.head_box(scene))
     answers = evaluate.generate_answers(TinyBackend.load(a.base_dir, device=a.device), samples, batch_size=50)
@@ -82,6 +89,42 @@ def main() -> None:
         m = (sides >= lo) & (sides < hi)
         if m.any():
             print(f"objects {lo:3d}-{hi:3d} px: {m.sum():4d}, Acc@0.5 {hits[m].mean():4.0%}")
+    if a.tower:
+        _tower_split(a.tower, a.base_dir, scenes, samples, hits)
+
+
+def _tower_split(tower_dir: str, base_dir: str, scenes: list, samples: list, hits: np.ndarray) -> None:
+    """The answers' Acc@0.5 split by what the dense vision stage's own head says at the asked object's cell."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hpelib import vision_pretrain as vp
+
+    ckpt = train.latest_checkpoint(Path(tower_dir))
+    if ckpt is None:
+        raise SystemExit(f"{tower_dir}: no checkpoint (latest_checkpoint.txt) of a vision stage")
+    base = TinyBackend.load(base_dir)
+    job = vp.VisionJob(TinyBackend.build(make_config("default"), spec=base.spec), "dense")
+    job.model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")))
+    job.model.eval()
+    grid = vp.merged_grid(job.backend)
+    targets = [vp.dense_targets(s, grid) for s in scenes]
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(scenes), 50):
+            batch = job.collate([job.encode((s.image, t)) for s, t in zip(scenes[i:i + 50], targets[i:i + 50])])
+            outs.append(job.model.outputs(batch["pixel_values"], batch["image_grid_thw"]))
+    here, _, _, colour_out = (torch.cat(parts) for parts in list(zip(*outs))[:4])
+    cells = [vp.cell_index((b[0] + b[2]) / 2, (b[1] + b[3]) / 2, grid) for b in (s.meta["box"] for s in samples)]
+    rows = np.arange(len(samples))
+    found = (here[rows, cells, 1] > 0).numpy()
+    colour_ok = (colour_out[rows, cells].argmax(-1).numpy()
+                 == np.array([vp.COLOUR_NAMES.index(s.meta["target"].split()[0]) for s in samples]))
+    print(f"the tower's head at the asked object's cell ({tower_dir}):")
+    for name, m in (("marks an object, its colour right", found & colour_ok),
+                    ("marks an object, another colour", found & ~colour_ok), ("marks no object", ~found)):
+        if m.any():
+            print(f"  {name:36s} {m.sum():4d} ({m.mean():4.0%}), the base's Acc@0.5 there {hits[m].mean():4.0%}")
 
 
 def _centre_inside(box, target) -> bool:
