@@ -35,6 +35,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="where the base answers: cpu, cuda or auto")
     p.add_argument("--tower", help="the base's dense vision stage (data/cache/base-<key>/training/vision)")
     a = p.parse_args()
+    tower = a.tower and train.latest_checkpoint(Path(a.tower))
+    if a.tower and tower is None:  # before minutes of rendering and answering
+        raise SystemExit(f"{a.tower}: no checkpoint (latest_checkpoint.txt) of a vision stage")
     config = make_config("default")
     renderer = train.make_renderer(config)
     samples, other_objects, heads, scenes = [], [], [], []
@@ -89,20 +92,17 @@ def main() -> None:
         m = (sides >= lo) & (sides < hi)
         if m.any():
             print(f"objects {lo:3d}-{hi:3d} px: {m.sum():4d}, Acc@0.5 {hits[m].mean():4.0%}")
-    if a.tower:
-        _tower_split(a.tower, a.base_dir, scenes, samples, hits)
+    if tower:
+        _tower_split(tower, a.base_dir, scenes, samples, hits)
 
 
-def _tower_split(tower_dir: str, base_dir: str, scenes: list, samples: list, hits: np.ndarray) -> None:
+def _tower_split(ckpt: Path, base_dir: str, scenes: list, samples: list, hits: np.ndarray) -> None:
     """The answers' Acc@0.5 split by what the dense vision stage's own head says at the asked object's cell."""
     import torch
     from safetensors.torch import load_file
 
     from hpelib import vision_pretrain as vp
 
-    ckpt = train.latest_checkpoint(Path(tower_dir))
-    if ckpt is None:
-        raise SystemExit(f"{tower_dir}: no checkpoint (latest_checkpoint.txt) of a vision stage")
     base = TinyBackend.load(base_dir)
     job = vp.VisionJob(TinyBackend.build(make_config("default"), spec=base.spec), "dense")
     job.model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")))
@@ -120,7 +120,7 @@ def _tower_split(tower_dir: str, base_dir: str, scenes: list, samples: list, hit
     found = (here[rows, cells, 1] > 0).numpy()
     colour_ok = (colour_out[rows, cells].argmax(-1).numpy()
                  == np.array([vp.COLOUR_NAMES.index(s.meta["target"].split()[0]) for s in samples]))
-    print(f"the tower's head at the asked object's cell ({tower_dir}):")
+    print(f"the tower's head at the asked object's cell ({ckpt}):")
     for name, m in (("marks an object, its colour right", found & colour_ok),
                     ("marks an object, another colour", found & ~colour_ok), ("marks no object", ~found)):
         if m.any():

@@ -82,17 +82,29 @@ def test_read_out_and_capacity_scripts_run_on_a_micro_base(tmp_path, data_dir, r
 
 
 def test_object_scripts_run_on_a_micro_base(tmp_path, data_dir, monkeypatch, capsys, one_thread):
-    """`object_answers.py` sorts a base's object answers (and by the object's size) and
-    `object_attention.py` prints, per decoder layer, how often the answer attends to the target's
-    cell (docs/tiny_backend.md, "A tower trained twice as long")."""
+    """`object_answers.py` sorts a base's object answers (and by the object's size, and with `--tower` by
+    what the base's dense vision stage says at the asked object's cell) and `object_attention.py`
+    prints, per decoder layer, how often the answer attends to the target's cell (docs/tiny_backend.md,
+    "A tower trained twice as long", "Binding the words")."""
+    from hpelib import train
     from hpelib.backends.tiny import TinyBackend
-    from hpelib.config import make_config
+    from hpelib.config import TrainConfig, make_config
+    from hpelib.vision_pretrain import pretrain_vision
 
-    TinyBackend.build(make_config("default"), spec=_micro(), seed=0).save(tmp_path / "base")
-    _run("object_answers.py", [str(tmp_path / "base"), "--n", "6"], monkeypatch)
+    config = make_config("default")
+    backend = TinyBackend.build(config, spec=_micro(), seed=0)
+    backend.save(tmp_path / "base")
+    pretrain_vision(backend, train.make_renderer(config), TrainConfig(max_steps=1, minutes=1.0),
+                    tmp_path / "vision", batch_size=2, progress=False, targets="dense")  # a real one-step stage
+    _run("object_answers.py", [str(tmp_path / "base"), "--n", "6", "--tower", str(tmp_path / "vision")], monkeypatch)
     out = capsys.readouterr().out
     sizes = [ln for ln in out.splitlines() if ln.startswith("objects ")]
     assert sizes and sum(int(ln.split(":")[1].split(",")[0]) for ln in sizes) == 6  # every prompt in one size bin
+    split = out.split("the tower's head at the asked object's cell")[1].splitlines()[1:]
+    assert sum(int(ln.split()[-7]) for ln in split) == 6  # every prompt in one of the tower's cases
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        _run("object_answers.py", [str(tmp_path / "base"), "--n", "2", "--tower", str(tmp_path)], monkeypatch)
+    capsys.readouterr()
     _run("object_attention.py", [str(tmp_path / "base"), "--n", "4"], monkeypatch)
     lines = capsys.readouterr().out.splitlines()
     layers = [ln for ln in lines if ln.strip().startswith("layer ")]
