@@ -43,19 +43,10 @@ def main() -> None:
     ckpt = train.latest_checkpoint(Path(a.training_dir))
     if ckpt is None:
         raise SystemExit(f"{a.training_dir}: no checkpoint (latest_checkpoint.txt) to evaluate")
-    job = vp.VisionJob(TinyBackend.build(config, spec=TinySpec(**json.loads(a.spec))), "dense")
-    job.model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")))
-    job.model.eval()
     renderer = train.make_renderer(config)
-    grid = vp.merged_grid(job.backend)
     scenes = [renderer.render(np.random.default_rng([9, i])) for i in range(a.n)]
-    targets = [vp.dense_targets(s, grid) for s in scenes]
-    outs = []
-    with torch.no_grad():
-        for i in range(0, a.n, 50):
-            batch = job.collate([job.encode((s.image, t)) for s, t in zip(scenes[i:i + 50], targets[i:i + 50])])
-            outs.append(job.model.outputs(batch["pixel_values"], batch["image_grid_thw"]))
-    here, head_out, box_out, colour_out, shape_out, _ = (torch.cat(parts) for parts in zip(*outs))
+    targets, (here, head_out, box_out, colour_out, shape_out, _) = tower_outputs(
+        ckpt, TinySpec(**json.loads(a.spec)), scenes)
     stack = lambda k: torch.as_tensor(np.stack([t[k] for t in targets]))  # noqa: E731
     head_cell, obj_cell, colour, shape = stack("head_cell"), stack("obj_cell") > 0, stack("colour"), stack("shape")
     found = here[..., 1] > 0
@@ -82,6 +73,22 @@ def main() -> None:
     for name, x in (("true landmarks", true[:, 4:]), ("predicted landmarks", pred[:, 4:])):
         mae, _ = ridge_mae(x, pose, n_train)
         print(f"pose from {name:19s} MAE y/p/r {mae.round(1)} mean {mae.mean():.1f} deg (linear, held-out 20 %)")
+
+
+def tower_outputs(ckpt: Path, spec: TinySpec, scenes: list) -> tuple[list[dict], tuple[torch.Tensor, ...]]:
+    """The dense stage's tower and per-token head from checkpoint `ckpt` (a tower of `spec`), run on
+    `scenes`: their `dense_targets` and the head's outputs (`vp.DENSE_SPLIT`, `(n, tokens, .)` each)."""
+    job = vp.VisionJob(TinyBackend.build(make_config("default"), spec=spec), "dense")
+    job.model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")))
+    job.model.eval()
+    grid = vp.merged_grid(job.backend)
+    targets = [vp.dense_targets(s, grid) for s in scenes]
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(scenes), 50):
+            batch = job.collate([job.encode((s.image, t)) for s, t in zip(scenes[i:i + 50], targets[i:i + 50])])
+            outs.append(job.model.outputs(batch["pixel_values"], batch["image_grid_thw"]))
+    return targets, tuple(torch.cat(parts) for parts in zip(*outs))
 
 
 if __name__ == "__main__":

@@ -98,23 +98,15 @@ def main() -> None:
 
 def _tower_split(ckpt: Path, base_dir: str, scenes: list, samples: list, hits: np.ndarray) -> None:
     """The answers' Acc@0.5 split by what the dense vision stage's own head says at the asked object's cell."""
-    import torch
-    from safetensors.torch import load_file
+    import sys
 
     from hpelib import vision_pretrain as vp
 
-    base = TinyBackend.load(base_dir)
-    job = vp.VisionJob(TinyBackend.build(make_config("default"), spec=base.spec), "dense")
-    job.model.load_state_dict(load_file(str(ckpt / "trainable.safetensors")))
-    job.model.eval()
-    grid = vp.merged_grid(job.backend)
-    targets = [vp.dense_targets(s, grid) for s in scenes]
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(scenes), 50):
-            batch = job.collate([job.encode((s.image, t)) for s, t in zip(scenes[i:i + 50], targets[i:i + 50])])
-            outs.append(job.model.outputs(batch["pixel_values"], batch["image_grid_thw"]))
-    here, _, _, colour_out = (torch.cat(parts) for parts in list(zip(*outs))[:4])
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dense_tower_eval import tower_outputs
+
+    _, (here, _, _, colour_out, _, _) = tower_outputs(ckpt, TinyBackend.load(base_dir).spec, scenes)
+    grid = int(round(here.shape[1] ** 0.5))
     cells = [vp.cell_index((b[0] + b[2]) / 2, (b[1] + b[3]) / 2, grid) for b in (s.meta["box"] for s in samples)]
     rows = np.arange(len(samples))
     found = (here[rows, cells, 1] > 0).numpy()
