@@ -406,11 +406,11 @@ DC1_BASE: dict[str, Any] = {
     "base.mix": {"box": 0.4, "box_object": 0.2, "box_list": 0.2, "orient": 0.1, "colour": 0.05, "count": 0.05},
     "base.vision_targets": "dense",
     "base.freeze_vision": True,
-    # 2000 curriculum steps (~15 min on 2 quiet cores), not 1300 (~10 min): on 300 held-out prompts objects
-    # 52 % (46 %), their adapters as good (7.3 / 7.0 deg on 300 held-out scenes, 1300's: 7.3 / 7.2)
-    # (docs/tiny_backend.md, "Objects listed" and "The longer curriculum as the default")
+    # 2000 curriculum steps (16 min on 2 quiet cores), not 1300 (~10 min): objects 57 % of 300 held-out
+    # prompts (46 %), the adapters as good (7.1 / 7.2 deg on 300 held-out scenes; 1300's: 7.3 / 7.2)
+    # (docs/tiny_backend.md, "Binding the words, and 2000 curriculum steps as the default")
     "base.max_steps": 2000,
-    "base.minutes": 18,  # a ceiling: base.max_steps ends the curriculum first on 2 quiet cores (~15 min)
+    "base.minutes": 18,  # a ceiling: base.max_steps ends the curriculum first on 2 quiet cores (16 min)
 }
 
 # Dotted overrides on the defaults above. Comments say why a number is what it is.

@@ -175,7 +175,7 @@ def test_the_curriculum_weights_are_a_base_parameter_in_its_key():
                                batch_size=16).batch(0)
     assert sorted(s.task for s in batch) == ["box"] * 8 + ["count"] * 8  # box_object samples are "box" tasks
     assert all(s.meta["target_kind"] == "object" for s in batch if s.task == "box")
-    default = train.base_key(make_config("default"))  # the objects listed (LA), 2000 steps since the seventeenth session
+    default = train.base_key(make_config("default"))  # the objects listed (LA), 2000 steps of it since session 17
     steps = {"base.max_steps": 1300}  # the curriculum's length before the seventeenth session
     assert train.base_key(make_config("default", steps)) == "3877c341fc69" != default  # LA's cached base
     oa = train.base_key(make_config("default", {**steps, "base.mix": objects}))
@@ -198,8 +198,8 @@ def test_object_pose_is_a_base_parameter_refused_for_adapters():
         make_config("smoke", {"base.object_pose": -1})
     with pytest.raises(ValueError, match="lora.train.object_pose"):
         make_config("smoke", {"lora.train.object_pose": 0.1})
-    op1 = {"base.vision_steps": 0, "base.vision_minutes": 10, "base.mix": {},  # the default's tower and curriculum before VS1
-           "base.max_steps": 1300}
+    # the default's tower and curriculum before VS1
+    op1 = {"base.vision_steps": 0, "base.vision_minutes": 10, "base.mix": {}, "base.max_steps": 1300}
     assert train.base_key(make_config("default", {**op1, "base.object_pose": 0})) == "96289dffbd1e"  # DC1 alone
     assert train.base_key(make_config("default", op1)) == "f20e59d3c2ca" != "96289dffbd1e"
 
