@@ -81,6 +81,19 @@ def test_read_out_and_capacity_scripts_run_on_a_micro_base(tmp_path, data_dir, r
     assert trained["stem"] - trained["plain"] == (3 + 8 + 8 + 8) * 9 * 8 + (8 + 8 + 8 + 16) * 8
 
 
+def test_curriculum_step_times_a_saved_base_in_float32_and_bf16(tmp_path, data_dir, monkeypatch, capsys, one_thread):
+    """`curriculum_step.py` trains a saved base's curriculum steps (tower frozen) both ways and prints the times."""
+    from hpelib.backends.tiny import TinyBackend
+    from hpelib.config import make_config
+
+    TinyBackend.build(make_config("default"), spec=_micro(), seed=0).save(tmp_path / "base")
+    _run("curriculum_step.py", [str(tmp_path / "base"), "--batches", "1", "--repeat", "1", "--threads", "1"],
+         monkeypatch)
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(" s a step")[0].rsplit(" ", 1)[0].strip() for ln in lines] == ["float32", "bf16 autocast"]
+    assert all(0 < float(ln.split(" s a step")[0].split()[-1]) < 60 for ln in lines)
+
+
 def test_object_scripts_run_on_a_micro_base(tmp_path, data_dir, monkeypatch, capsys, one_thread):
     """`object_answers.py` sorts a base's object answers (and by the object's size, and with `--tower` by
     what the base's dense vision stage says at the asked object's cell) and `object_attention.py`
