@@ -652,9 +652,11 @@ def _vision_stage(config: Config, backend: Backend, out: Path, progress: bool) -
     if (out / DONE).exists():
         vision_pretrain.load_tower(backend, out)
         return
+    # float32 whatever `base.autocast_bf16` says: under autocast the tower's stage ran 20 % slower, where the
+    # curriculum's steps (the tower frozen) ran 29 % faster (docs/tiny_backend.md, "Binding the words", B16)
     stage = dataclasses.replace(config.base, minutes=config.base.vision_minutes,
                                 max_steps=config.base.vision_steps or config.base.max_steps,
-                                warmup_steps=min(config.base.warmup_steps, VISION_WARMUP))
+                                warmup_steps=min(config.base.warmup_steps, VISION_WARMUP), autocast_bf16=False)
     history = vision_pretrain.pretrain_vision(backend, make_renderer(config), stage, out,
                                               per_process_batch(config.base, "base"), seed=config.seed,
                                               progress=progress, targets=config.base.vision_targets)

@@ -7,6 +7,7 @@ they need no OpenGL; the end-to-end ones render real scenes and are marked slow.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -550,12 +551,13 @@ def test_dense_targets_describe_each_cell():
 @pytest.mark.usefixtures("data_dir")
 def test_dense_vision_pretraining_then_a_frozen_tower(tmp_path):
     """`base.vision_targets = "dense"` trains the tower with the per-token head; `base.freeze_vision`
-    then keeps the tower's blocks as that stage left them while the curriculum trains its mergers."""
+    then keeps the tower's blocks as that stage left them while the curriculum trains its mergers.
+    `base.autocast_bf16` is the curriculum's: the tower's stage stays float32."""
     from safetensors.torch import load_file
 
     settings = {"base.vision_minutes": 1.0, "base.vision_targets": "dense", "base.max_steps": 2,
                 "base.eval_every": 2, "base.eval_samples": 2, "base.checkpoint_every": 2}
-    config = make_config("smoke", {**settings, "base.freeze_vision": True})
+    config = make_config("smoke", {**settings, "base.freeze_vision": True, "base.autocast_bf16": True})
     unfrozen = make_config("smoke", settings)
     assert len({train.base_key(config), train.base_key(unfrozen),
                 train.base_key(make_config("smoke", {**settings, "base.vision_targets": "boxes"}))}) == 3
@@ -563,6 +565,9 @@ def test_dense_vision_pretraining_then_a_frozen_tower(tmp_path):
     vision = train.base_cache_dir(config) / "training" / train.VISION_DIR
     vh = pd.read_csv(vision / train.HISTORY_CSV)
     assert vh["step"].tolist() == [1, 2] and np.isfinite(vh["loss"]).all()
+    autocast = {stage: json.loads((folder / "settings.json").read_text())["train"]["autocast_bf16"]
+                for stage, folder in (("vision", vision), ("curriculum", vision.parent))}
+    assert autocast == {"vision": False, "curriculum": True}
     tower = load_file(str(train.latest_checkpoint(vision) / "trainable.safetensors"))
     from hpelib import vision_pretrain as vp
 
