@@ -48,6 +48,10 @@ class FakeRenderer:
                       "axis": [0.0, 1.0, 0.0]}])
 
 
+# the float32 default before the eighteenth session: 2000 curriculum steps within 18 min
+FLOAT32_2000 = {"base.autocast_bf16": False, "base.max_steps": 2000, "base.minutes": 18}
+
+
 # ------------------------------------------------------------------------------------ tasks
 def test_allocate_splits_a_batch_by_weight():
     assert tasks.allocate({"hpe": 0.8, "box": 0.2}, 32) == {"hpe": 26, "box": 6}
@@ -176,8 +180,8 @@ def test_the_curriculum_weights_are_a_base_parameter_in_its_key():
                                batch_size=16).batch(0)
     assert sorted(s.task for s in batch) == ["box"] * 8 + ["count"] * 8  # box_object samples are "box" tasks
     assert all(s.meta["target_kind"] == "object" for s in batch if s.task == "box")
-    default = train.base_key(make_config("default"))  # the objects listed (LA), 2000 steps of it since session 17
-    steps = {"base.max_steps": 1300}  # the curriculum's length before the seventeenth session
+    default = train.base_key(make_config("default"))  # the objects listed (LA), 2600 bf16 steps of it since session 18
+    steps = {**FLOAT32_2000, "base.max_steps": 1300}  # the curriculum before the seventeenth session
     assert train.base_key(make_config("default", steps)) == "3877c341fc69" != default  # LA's cached base
     oa = train.base_key(make_config("default", {**steps, "base.mix": objects}))
     assert oa == "75f0bce0c236" != default  # OA's cached base
@@ -200,7 +204,7 @@ def test_object_pose_is_a_base_parameter_refused_for_adapters():
     with pytest.raises(ValueError, match="lora.train.object_pose"):
         make_config("smoke", {"lora.train.object_pose": 0.1})
     # the default's tower and curriculum before VS1
-    op1 = {"base.vision_steps": 0, "base.vision_minutes": 10, "base.mix": {}, "base.max_steps": 1300}
+    op1 = {**FLOAT32_2000, "base.vision_steps": 0, "base.vision_minutes": 10, "base.mix": {}, "base.max_steps": 1300}
     assert train.base_key(make_config("default", {**op1, "base.object_pose": 0})) == "96289dffbd1e"  # DC1 alone
     assert train.base_key(make_config("default", op1)) == "f20e59d3c2ca" != "96289dffbd1e"
 
@@ -607,11 +611,14 @@ def test_how_the_batches_are_made_is_not_part_of_the_base_key():
 
 
 def test_bf16_autocast_is_a_new_base_and_leaves_cached_bases_keys_alone():
-    """The keys of the bases the docs and profiles name (trained before `autocast_bf16` existed) stay
-    as they were; a base trained under autocast is a new one. If a deliberate change re-keys every
-    base (a new task word, BASE_VERSION), update the two keys here and say so in the commit."""
+    """The keys of the bases the docs and profiles name stay as they were: the float32 ones trained
+    before `autocast_bf16` existed (`quick`, the default before it was the curriculum's) and the
+    default's, whose curriculum runs under autocast; a base trained under autocast is a new one. If a
+    deliberate change re-keys every base (a new task word, BASE_VERSION), update the keys here and say
+    so in the commit."""
     assert train.base_key(make_config("quick")) == "cf8ff0410dca"
-    assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == "d589255fb8b1"
+    assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == "400f6e4f160a"
+    assert train.base_key(make_config("default", FLOAT32_2000)) == "d589255fb8b1"
     assert train.base_key(make_config("quick", {"base.autocast_bf16": True})) != "cf8ff0410dca"
 
 def test_model_tiny_spec_builds_that_model_and_is_its_base_key(monkeypatch):
@@ -652,18 +659,22 @@ def test_the_pose_profile_reuses_the_base_its_numbers_came_from():
     curriculum since the fourteenth session (`base.object_pose 0.1`, OP1) and its tower trained for 2600
     steps since the fifteenth (`base.vision_steps`, VS1), and since the sixteenth a curriculum (`base.mix`)
     with objects listed (LA; before it objects 40 % of the curriculum, OA, cached by `tiny_experiment.py base
-    --base-mix ...`), 2000 steps of it since the seventeenth (1300 before): the same keys."""
+    --base-mix ...`), 2000 steps of it since the seventeenth (1300 before), and 2600 under bf16 autocast since
+    the eighteenth (`tiny_experiment.py base --set base.autocast_bf16=true ...`): the same keys."""
     dc1 = {"model.tiny_spec": {"stem": "conv", "angle_circle": 5}, "base.vision_minutes": 10,
            "base.vision_targets": "dense", "base.freeze_vision": True, "base.minutes": 18}
     op1 = {**dc1, "base.object_pose": 0.1}
     vs1 = {**op1, "base.vision_steps": 2600, "base.vision_minutes": 15}
     la = {"box": 0.4, "box_object": 0.2, "box_list": 0.2, "orient": 0.1, "colour": 0.05, "count": 0.05}
+    b16 = {**vs1, "base.mix": la, "base.autocast_bf16": True, "base.max_steps": 2600, "base.minutes": 17}
     assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == train.base_key(
+        make_config("quick", b16))
+    assert train.base_key(make_config("default", FLOAT32_2000)) == train.base_key(
         make_config("quick", {**vs1, "base.mix": la, "base.max_steps": 2000}))
-    assert train.base_key(make_config("default", {"base.max_steps": 1300})) == train.base_key(
+    steps = {**FLOAT32_2000, "base.max_steps": 1300}
+    assert train.base_key(make_config("default", steps)) == train.base_key(
         make_config("quick", {**vs1, "base.mix": la}))  # `quick`'s base.max_steps: 1300
     oa = {"box": 0.4, "box_object": 0.2, "orient": 0.2, "colour": 0.1, "count": 0.1}
-    steps = {"base.max_steps": 1300}
     assert train.base_key(make_config("default", {**steps, "base.mix": oa})) == train.base_key(
         make_config("quick", {**vs1, "base.mix": oa}))
     assert train.base_key(make_config("default", {**steps, "base.mix": {}})) == train.base_key(make_config("quick", vs1))
