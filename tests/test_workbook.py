@@ -293,6 +293,19 @@ def test_papermill_lists_every_parameter_of_the_shipped_notebooks_with_type_and_
         assert info["inferred_type_name"] not in ("None", "") and info["help"].strip(), (path.name, name, info)
 
 
+@pytest.mark.parametrize("notebook", workbook.NOTEBOOKS)
+def test_every_cell_of_the_shipped_notebooks_has_an_id(notebook):
+    """nbformat 4.5 cells carry an `id`; one added by hand without it makes every run warn
+    (MissingIDFieldWarning, a hard error in future nbformat versions)."""
+    path = Path(__file__).resolve().parents[1] / "notebooks" / f"{notebook}.ipynb"
+    raw = json.loads(path.read_text())
+    assert (raw["nbformat"], raw["nbformat_minor"]) >= (4, 5), path.name
+    missing = [i for i, cell in enumerate(raw["cells"]) if not cell.get("id")]
+    assert not missing, f"{path.name}: cells {missing} have no id"
+    ids = [cell["id"] for cell in raw["cells"]]
+    assert len(set(ids)) == len(ids), f"{path.name}: repeated cell ids"
+
+
 # A valid value, unlike every profile's, for each config key a notebook sets by a named parameter
 NAMED_KEY_VALUES = {
     "data.image_size": 80, "data.n_train": 11, "data.n_test": 7, "data.test_domains": ["synth-aflw"], "data.seed": 3,
