@@ -421,7 +421,7 @@ DC1_BASE: dict[str, Any] = {
 PROFILES: dict[str, dict[str, Any]] = {
     # The CPU study the README reports, with adapters that learn head pose within 8 minutes
     # (docs/tiny_backend.md, "A step twice as cheap"): DC1's base, a conv-stem tower pre-trained on
-    # dense pose-free targets and then frozen, circular angle rows (~29 min, then cached; the same
+    # dense pose-free targets and then frozen, circular angle rows (~30 min, then cached; the same
     # base key as `pose`), and adapters with the cheaper step: LoRA on the language model and the
     # projector, not the tower, no LoRA dropout, bf16 autocast (~1200-1350 steps in 8 min, side by
     # side on one core each), with soft angle targets (sigma 6 deg) weighted 5x, lr 7e-3.
