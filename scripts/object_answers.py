@@ -53,7 +53,8 @@ def main() -> None:
         scenes.append(scene)
         other_objects.append([o for o in tasks.scene_objects(scene) if o["name"] != sample.meta["target"]])
         heads.append(tasks.head_box(scene))
-    answers = evaluate.generate_answers(TinyBackend.load(a.base_dir, device=a.device), samples, batch_size=50)
+    base = TinyBackend.load(a.base_dir, device=a.device)
+    answers = evaluate.generate_answers(base, samples, batch_size=50)
     kinds, shared = collections.Counter(), collections.Counter()
     for sample, answer, others, head in zip(samples, answers, other_objects, heads):
         box = prompts.parse_response(answer).box
@@ -93,10 +94,10 @@ def main() -> None:
         if m.any():
             print(f"objects {lo:3d}-{hi:3d} px: {m.sum():4d}, Acc@0.5 {hits[m].mean():4.0%}")
     if tower:
-        _tower_split(tower, a.base_dir, scenes, samples, hits)
+        _tower_split(tower, base.spec, scenes, samples, hits)
 
 
-def _tower_split(ckpt: Path, base_dir: str, scenes: list, samples: list, hits: np.ndarray) -> None:
+def _tower_split(ckpt: Path, spec, scenes: list, samples: list, hits: np.ndarray) -> None:
     """The answers' Acc@0.5 split by what the dense vision stage's own head says at the asked object's cell."""
     import sys
 
@@ -105,7 +106,7 @@ def _tower_split(ckpt: Path, base_dir: str, scenes: list, samples: list, hits: n
     sys.path.insert(0, str(Path(__file__).parent))
     from dense_tower_eval import tower_outputs
 
-    _, (here, _, _, colour_out, _, _) = tower_outputs(ckpt, TinyBackend.load(base_dir).spec, scenes)
+    _, (here, _, _, colour_out, _, _) = tower_outputs(ckpt, spec, scenes)
     grid = int(round(here.shape[1] ** 0.5))
     cells = [vp.cell_index((b[0] + b[2]) / 2, (b[1] + b[3]) / 2, grid) for b in (s.meta["box"] for s in samples)]
     rows = np.arange(len(samples))
