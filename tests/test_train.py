@@ -48,8 +48,10 @@ class FakeRenderer:
                       "axis": [0.0, 1.0, 0.0]}])
 
 
-# the float32 default before the eighteenth session: 2000 curriculum steps within 18 min
-FLOAT32_2000 = {"base.autocast_bf16": False, "base.max_steps": 2000, "base.minutes": 18}
+# the default's four decoder layers before the nineteenth session (six since)
+FOUR_LAYERS = {"model.tiny_spec": {"stem": "conv", "angle_circle": 5}}
+# the float32 four-layer default before the eighteenth session: 2000 curriculum steps within 18 min
+FLOAT32_2000 = {**FOUR_LAYERS, "base.autocast_bf16": False, "base.max_steps": 2000, "base.minutes": 18}
 
 
 # ------------------------------------------------------------------------------------ tasks
@@ -617,7 +619,8 @@ def test_bf16_autocast_is_a_new_base_and_leaves_cached_bases_keys_alone():
     deliberate change re-keys every base (a new task word, BASE_VERSION), update the keys here and say
     so in the commit."""
     assert train.base_key(make_config("quick")) == "cf8ff0410dca"
-    assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == "400f6e4f160a"
+    assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == "d33d04b1667d"
+    assert train.base_key(make_config("default", FOUR_LAYERS)) == "400f6e4f160a"
     assert train.base_key(make_config("default", FLOAT32_2000)) == "d589255fb8b1"
     assert train.base_key(make_config("quick", {"base.autocast_bf16": True})) != "cf8ff0410dca"
 
@@ -660,15 +663,19 @@ def test_the_pose_profile_reuses_the_base_its_numbers_came_from():
     steps since the fifteenth (`base.vision_steps`, VS1), and since the sixteenth a curriculum (`base.mix`)
     with objects listed (LA; before it objects 40 % of the curriculum, OA, cached by `tiny_experiment.py base
     --base-mix ...`), 2000 steps of it since the seventeenth (1300 before), and 2600 under bf16 autocast since
-    the eighteenth (`tiny_experiment.py base --set base.autocast_bf16=true ...`): the same keys."""
+    the eighteenth (`tiny_experiment.py base --set base.autocast_bf16=true ...`), with six decoder layers since
+    the nineteenth (`tiny_experiment.py base --spec '{"stem": "conv", "angle_circle": 5, "layers": 6}'`,
+    L6): the same keys."""
     dc1 = {"model.tiny_spec": {"stem": "conv", "angle_circle": 5}, "base.vision_minutes": 10,
            "base.vision_targets": "dense", "base.freeze_vision": True, "base.minutes": 18}
     op1 = {**dc1, "base.object_pose": 0.1}
     vs1 = {**op1, "base.vision_steps": 2600, "base.vision_minutes": 15}
     la = {"box": 0.4, "box_object": 0.2, "box_list": 0.2, "orient": 0.1, "colour": 0.05, "count": 0.05}
     b16 = {**vs1, "base.mix": la, "base.autocast_bf16": True, "base.max_steps": 2600, "base.minutes": 17}
+    assert train.base_key(make_config("default", FOUR_LAYERS)) == train.base_key(make_config("quick", b16))
+    l6 = {**b16, "model.tiny_spec": {"stem": "conv", "angle_circle": 5, "layers": 6}}
     assert train.base_key(make_config("pose")) == train.base_key(make_config("default")) == train.base_key(
-        make_config("quick", b16))
+        make_config("quick", l6))
     assert train.base_key(make_config("default", FLOAT32_2000)) == train.base_key(
         make_config("quick", {**vs1, "base.mix": la, "base.max_steps": 2000}))
     steps = {**FLOAT32_2000, "base.max_steps": 1300}
