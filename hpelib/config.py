@@ -397,7 +397,7 @@ DC1_BASE: dict[str, Any] = {
     "base.object_pose": 0.1,  # ~3 of 32 samples a batch; the adapters' field names: p 0.04-0.05 -> ~1
     # six decoder layers since the nineteenth session (four before; 3.4 M parameters on the language side
     # instead of 2.5): over the same curriculum 65 % of 300 held-out object prompts against 62 %, the
-    # smallest 48 % against 31 %; its 8-min adapters ~12 % fewer steps, the same pose (7.1 / 7.2 deg on
+    # smallest 48 % against 31 %; its 8-min adapters 12-25 % fewer steps, the same pose (7.1 / 7.2 deg on
     # 300 held-out scenes, four layers 7.2 / 7.3) (docs/tiny_backend.md, "Six decoder layers")
     "model.tiny_spec": {"stem": "conv", "angle_circle": 5, "layers": 6},
     # the tower's stage: 2600 steps (~13 min on 2 cores; 15 min a ceiling), not the curriculum's 1300 (~7 min then):
