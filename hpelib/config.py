@@ -415,9 +415,9 @@ DC1_BASE: dict[str, Any] = {
     # The curriculum's objects grow with its steps: 1300 steps 46 % of 300 held-out prompts, 2000 52-57 %,
     # 2800 61 % (docs/tiny_backend.md, "Binding the words"). Under bf16 autocast (the curriculum only: the
     # tower's stage stays float32) a step costs ~29 % less with the same objects at 2000 steps (B16), so
-    # 2600 steps take about what 2000 did in float32 (~12-15 min on 2 quiet cores). The workbook's run:
-    # 2541 steps within the ceiling below, objects 62 %, the adapters' pose unchanged ("2600 curriculum
-    # steps under bf16 autocast")
+    # 2600 steps take about what 2000 did in float32 (~12-15 min on 2 quiet cores). The workbook's runs:
+    # four layers 2541 steps within the ceiling below, objects 62 %, the adapters' pose unchanged ("2600
+    # curriculum steps under bf16 autocast"); six layers 2441 steps, 65 %
     "base.autocast_bf16": True,
     "base.max_steps": 2600,
     "base.minutes": 17,  # a ceiling, so the base stays within 30 min (the tower's ~13 + 17) on a slow host
@@ -429,8 +429,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # (docs/tiny_backend.md, "A step twice as cheap"): DC1's base, a conv-stem tower pre-trained on
     # dense pose-free targets and then frozen, circular angle rows (~30 min, then cached; the same
     # base key as `pose`), and adapters with the cheaper step: LoRA on the language model and the
-    # projector, not the tower, no LoRA dropout, bf16 autocast (~1200-1350 steps in 8 min, side by
-    # side on one core each), with soft angle targets (sigma 6 deg) weighted 5x, lr 7e-3.
+    # projector, not the tower, no LoRA dropout, bf16 autocast (~950-1080 steps in 8 min on the six-layer
+    # base, ~1200-1350 on the four-layer one, side by side on one core each), with soft angle targets (sigma 6 deg) weighted 5x, lr 7e-3.
     "default": {
         **DC1_BASE,
         "lora.target_vision": False,  # the tower is frozen and pre-trained; its LoRA costs 60 % more a step
