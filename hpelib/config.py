@@ -398,7 +398,7 @@ DC1_BASE: dict[str, Any] = {
     # six decoder layers since the nineteenth session (four before; 3.4 M parameters on the language side
     # instead of 2.5): over the same curriculum 65 % of 300 held-out object prompts against 62 %, the
     # smallest 48 % against 31 %; its 8-min adapters 12-25 % fewer steps, the same pose (7.1 / 7.2 deg on
-    # 300 held-out scenes, four layers 7.2 / 7.3) (docs/tiny_backend.md, "Six decoder layers")
+    # 300 held-out scenes, four layers 7.2 / 7.3) (docs/tiny_backend.md, "Six decoder layers as the default")
     "model.tiny_spec": {"stem": "conv", "angle_circle": 5, "layers": 6},
     # the tower's stage: 2600 steps (~13 min on 2 cores; 15 min a ceiling), not the curriculum's 1300 (~7 min then):
     # on 600 held-out scenes its own head then finds 81 % of the object cells (64 %), 76 % of their boxes
@@ -430,7 +430,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # dense pose-free targets and then frozen, circular angle rows (~30 min, then cached; the same
     # base key as `pose`), and adapters with the cheaper step: LoRA on the language model and the
     # projector, not the tower, no LoRA dropout, bf16 autocast (~950-1080 steps in 8 min on the six-layer
-    # base, ~1200-1350 on the four-layer one, side by side on one core each), with soft angle targets (sigma 6 deg) weighted 5x, lr 7e-3.
+    # base, ~1200-1350 on the four-layer one, side by side on one core each), with soft angle targets
+    # (sigma 6 deg) weighted 5x, lr 7e-3.
     "default": {
         **DC1_BASE,
         "lora.target_vision": False,  # the tower is frozen and pre-trained; its LoRA costs 60 % more a step

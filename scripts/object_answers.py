@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from hpelib import evaluate, prompts, train
-from hpelib.backends.tiny import TinyBackend
+from hpelib.backends.tiny import TinyBackend, TinySpec
 from hpelib.config import make_config
 from hpelib.data import tasks
 
@@ -97,7 +97,7 @@ def main() -> None:
         _tower_split(tower, base.spec, scenes, samples, hits)
 
 
-def _tower_split(ckpt: Path, spec, scenes: list, samples: list, hits: np.ndarray) -> None:
+def _tower_split(ckpt: Path, spec: TinySpec, scenes: list, samples: list, hits: np.ndarray) -> None:
     """The answers' Acc@0.5 split by what the dense vision stage's own head says at the asked object's cell."""
     import sys
 
